@@ -1,0 +1,1 @@
+"""The pure numeric core: permutations, scales, assignment, merges on tensors."""

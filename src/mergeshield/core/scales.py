@@ -1,0 +1,59 @@
+"""Sampling the per-dimension attention scale factors, and bounding them for half precision."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+__all__ = ["sample_factors", "pow2_exponent_bounds", "ScaleLaw"]
+
+ScaleLaw = Literal["uniform", "loguniform", "beta"]
+
+
+def sample_factors(rng: np.random.Generator, n: int, low: float, high: float, law: ScaleLaw) -> np.ndarray:
+    """Draw `n` factors in ``[low, high]`` (float64).
+
+    ``uniform`` is the PaRaMS authors' default; ``loguniform`` spreads evenly in log scale (as
+    many factors below 1 as above); ``beta`` is Beta(0.5, 0.5) stretched to the range, which
+    piles factors at both ends.
+    """
+    if not 0 < low <= high:
+        raise ValueError(f"scale range must satisfy 0 < low <= high, got [{low}, {high}]")
+    if law == "uniform":
+        return rng.uniform(low, high, n)
+    if law == "loguniform":
+        return np.exp(rng.uniform(np.log(low), np.log(high), n))
+    if law == "beta":
+        return low + (high - low) * rng.beta(0.5, 0.5, n)
+    raise ValueError(f"unknown scale law {law!r}; use uniform, loguniform or beta")
+
+
+def pow2_exponent_bounds(
+    rows: torch.Tensor, dtype: torch.dtype, headroom_bits: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the range of exponents e such that ``rows * 2**e`` stays exactly representable.
+
+    Multiplying by a power of two is exact in binary floating point unless it overflows or
+    enters the subnormal range. For each row: ``max|x| * 2**e <= finfo.max / 2**headroom_bits``
+    (headroom for the activations computed from these weights) and
+    ``min nonzero |x| * 2**e >= finfo.tiny``.
+
+    Args:
+        rows: ``(n, F)`` values in the checkpoint's dtype, one row per scaled index.
+        dtype: the checkpoint dtype.
+
+    Returns:
+        ``(lo, hi)`` int64 arrays; ``lo > hi`` where no exponent but 0 is safe.
+    """
+    info = torch.finfo(dtype)
+    a = rows.abs().to(torch.float64)
+    big = a.amax(dim=1).clamp_min(info.tiny).numpy()
+    small = torch.where(a > 0, a, torch.full_like(a, np.inf)).amin(dim=1).numpy()
+    hi = np.floor(np.log2(info.max / 2.0**headroom_bits / big))
+    with np.errstate(divide="ignore"):
+        lo = np.where(np.isfinite(small), np.ceil(np.log2(info.tiny / np.where(np.isfinite(small), small, 1.0))), -np.inf)
+    # An original subnormal value cannot move down without losing bits (nor is it safer up).
+    lo = np.maximum(lo, np.where(small < info.tiny, 0, lo))
+    return lo.clip(-1000, 1000).astype(np.int64), hi.clip(-1000, 1000).astype(np.int64)

@@ -1,0 +1,1 @@
+"""Merge methods (pure, per tensor) and the streaming checkpoint merger."""

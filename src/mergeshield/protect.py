@@ -1,0 +1,520 @@
+"""Protect a fine-tuned checkpoint with PaRaMS' function-preserving transforms, and undo it.
+
+PaRaMS: Wei, Yu, Sakuma, "Disrupting Model Merging: A Parameter-Level Defense Without
+Sacrificing Accuracy", ICCV 2025, arXiv 2503.07661. MLP hidden units are permuted by the
+assignment that moves them farthest from the pretrained weights; attention Q/K and V/O are
+scaled per dimension by random factors and their inverses (RoPE pairs and GQA groups tied).
+
+Two streaming passes over the checkpoint: the first plans one space instance (one layer's MLP
+or attention) at a time, reading only its tensors from the model and the base; the second
+rewrites one shard at a time. Peak memory is about one shard plus one layer's tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tqdm.auto import tqdm
+
+from mergeshield.core.assignment import farthest_permutation, permutation_objective, unit_features
+from mergeshield.core.scales import ScaleLaw, pow2_exponent_bounds, sample_factors
+from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
+from mergeshield.errors import BaseMismatchError, KeyMismatchError, NumericError, OutputPathError
+from mergeshield.io.checkpoint import (
+    Checkpoint,
+    atomic_output_dir,
+    check_output_path,
+    copy_non_weight_files,
+    tensor_digest,
+    write_index,
+    write_shard,
+)
+from mergeshield.io.naming import match_names
+from mergeshield.symmetry.registry import family_for_model_type
+from mergeshield.symmetry.spec import BoundModel, PermutationSpace, ScaleSpace, SpaceInstance, bind
+
+__all__ = [
+    "ProtectOptions",
+    "ProtectReport",
+    "InstanceReport",
+    "protect",
+    "unprotect",
+    "bind_checkpoint",
+    "rewrite_checkpoint",
+]
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+KEY_FORMAT = "mergeshield-key/1"
+
+
+class ProtectOptions(BaseModel):
+    """What `protect` does. Every field is also a CLI flag."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seed: int = 0
+    permute_mlp: bool = True
+    scale_qk: bool = True
+    scale_vo: bool = True
+    scale_low: float = Field(0.05, gt=0)
+    scale_high: float = Field(20.0, gt=0)
+    scale_law: ScaleLaw = "uniform"
+    scale_quantize: Literal["auto", "none", "pow2"] = "auto"
+    """``auto``: powers of two for float16/bfloat16 checkpoints (exact in any binary float
+    format, so the protected half-precision model computes bit-for-bit the same products),
+    continuous factors for float32/float64."""
+
+    @model_validator(mode="after")
+    def _range(self) -> ProtectOptions:
+        if self.scale_low > self.scale_high:
+            raise ValueError(f"scale_low {self.scale_low} > scale_high {self.scale_high}")
+        return self
+
+
+@dataclass(frozen=True)
+class InstanceReport:
+    """Distances to the base for one space instance (one layer's MLP or attention part)."""
+
+    id: str
+    kind: str
+    task_norm: float
+    """``||theta_ft - theta_pre||`` over the instance's tensors: the distance before."""
+    dist_after: float
+    """``||theta_protected - theta_pre||`` over the same tensors."""
+    base_norm: float
+    """``||theta_pre||`` over the same tensors (to judge whether the base is plausible)."""
+    detail: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.dist_after / self.task_norm if self.task_norm > 0 else float("inf")
+
+
+@dataclass
+class ProtectReport:
+    out: Path
+    family: str
+    fingerprint: str
+    instances: list[InstanceReport] = field(default_factory=list)
+    key: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def table(self) -> str:
+        """A per-instance text table (distance to base before/after, ratio)."""
+        lines = [f"{'instance':<40} {'kind':<12} {'||tau||':>10} {'after':>10} {'after/tau':>9}  detail"]
+        for r in self.instances:
+            lines.append(
+                f"{r.id:<40} {r.kind:<12} {r.task_norm:>10.4g} {r.dist_after:>10.4g} {r.ratio:>9.2f}  {r.detail}"
+            )
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+def bind_checkpoint(ckpt: Checkpoint) -> BoundModel:
+    """Bind the checkpoint's family description to its tensors (see `symmetry.spec.bind`)."""
+    family = family_for_model_type(ckpt.model_type)
+    return bind(family, ckpt.full_config(), ckpt.shapes())
+
+
+def _instance_rng(seed: int, instance_id: str) -> np.random.Generator:
+    # Keyed by the instance id, so a layer's draw does not depend on processing order.
+    digest = int.from_bytes(hashlib.sha256(instance_id.encode()).digest()[:8], "little")
+    return np.random.default_rng([seed, digest])
+
+
+def _as_compute(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    if t.dtype not in FLOAT_DTYPES:
+        raise NumericError(
+            f"{where}: tensor {name!r} has dtype {t.dtype}. mergeshield transforms only float16, "
+            "bfloat16, float32 and float64 weights; quantised (integer or float8) checkpoints would "
+            "be mangled. Dequantise the checkpoint first."
+        )
+    c = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    if not torch.isfinite(c).all():
+        bad = int((~torch.isfinite(c)).sum())
+        raise NumericError(
+            f"{where}: tensor {name!r} has {bad} NaN/Inf value(s). A model with non-finite weights "
+            "cannot be protected or merged meaningfully; fix or re-export the checkpoint."
+        )
+    return c
+
+
+def _check_base(model: Checkpoint, base: Checkpoint, bound: BoundModel) -> dict[str, str]:
+    if model.model_type != base.model_type:
+        raise BaseMismatchError(
+            f"model is {model.model_type!r} ({model.folder}) but base is {base.model_type!r} "
+            f"({base.folder}). Pass the pretrained checkpoint the model was fine-tuned from."
+        )
+    names = match_names(model.names, base.names)
+    bound_names = sorted({bt.name for inst in bound.instances for bt in inst.tensors})
+    missing = [n for n in bound_names if n not in names]
+    if missing:
+        raise BaseMismatchError(
+            f"base {base.folder} lacks {len(missing)} tensor(s) the model has, e.g. {missing[:4]}. "
+            "The base has a different depth or architecture: pass the checkpoint the model was "
+            "fine-tuned from."
+        )
+    wrong = [
+        f"{n}: model {model.shape(n)} vs base {base.shape(b)}"
+        for n, b in names.items()
+        if model.shape(n) != base.shape(b)
+    ]
+    if wrong:
+        raise BaseMismatchError(
+            f"base and model shapes differ for {len(wrong)} tensor(s): {wrong[:4]}. The base is not "
+            "the model's pretrained checkpoint (different width, head count or vocabulary)."
+        )
+    return names
+
+
+def _factor_bounds(
+    model: Checkpoint, inst: SpaceInstance, tensors: dict[str, torch.Tensor]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exponent range per free factor keeping every bound half-precision tensor exact."""
+    lo = np.full(inst.size, -1000, dtype=np.int64)
+    hi = np.full(inst.size, 1000, dtype=np.int64)
+    for bt in inst.tensors:
+        dtype = model.dtype(bt.name)
+        if dtype not in HALF_DTYPES:
+            continue
+        rows = axis_view(tensors[bt.name], bt.binding).movedim(bt.binding.axis, 0)
+        rows = rows.reshape(rows.shape[0], -1)  # (axis_len, rest)
+        r_lo, r_hi = pow2_exponent_bounds(rows.to(dtype), dtype)
+        if bt.binding.inverse:  # these rows are multiplied by 2**-e
+            r_lo, r_hi = -r_hi, -r_lo
+        # map expanded rows back to their free factor: expand the free index itself
+        owner = expand_factors(inst, np.arange(inst.size, dtype=np.float64), bt.binding.layout).astype(np.int64)
+        np.maximum.at(lo, owner, r_lo)
+        np.minimum.at(hi, owner, r_hi)
+    return lo, hi
+
+
+def _plan(
+    model: Checkpoint,
+    base: Checkpoint,
+    bound: BoundModel,
+    names: dict[str, str],
+    options: ProtectOptions,
+    progress: bool,
+) -> tuple[list[Transform], list[InstanceReport], list[str]]:
+    transforms: list[Transform] = []
+    reports: list[InstanceReport] = []
+    notes: list[str] = []
+    dtypes = {model.dtype(bt.name) for inst in bound.instances for bt in inst.tensors}
+    quantize = options.scale_quantize
+    if quantize == "auto":
+        quantize = "pow2" if dtypes & set(HALF_DTYPES) else "none"
+    if quantize == "pow2":
+        notes.append("scale factors rounded to powers of two (exact in float16/bfloat16)")
+    clamped = 0
+    for inst in tqdm(bound.instances, desc="planning", unit="layer", disable=not progress):
+        space = inst.space
+        enabled = (
+            options.permute_mlp
+            if isinstance(space, PermutationSpace)
+            else (options.scale_qk if space.role == "qk" else options.scale_vo)
+        )
+        if not enabled:
+            continue
+        tuned = {bt.name: _as_compute(model.get(bt.name), bt.name, str(model.folder)) for bt in inst.tensors}
+        pre = {
+            bt.name: _as_compute(base.get(names[bt.name]), names[bt.name], str(base.folder))
+            for bt in inst.tensors
+        }
+        pairs_tuned = [(tuned[bt.name], bt.binding) for bt in inst.tensors]
+        pairs_pre = [(pre[bt.name], bt.binding) for bt in inst.tensors]
+        detail = ""
+        if isinstance(space, PermutationSpace):
+            f_pre, f_tuned = unit_features(pairs_pre), unit_features(pairs_tuned)
+            perm = farthest_permutation(f_pre, f_tuned)
+            transform = Transform(inst.id, perm=perm)
+            moved = float((perm != np.arange(len(perm))).mean())
+            detail = f"{moved:.0%} units moved"
+            task2 = permutation_objective(f_pre, f_tuned, np.arange(len(perm)))
+            after2 = permutation_objective(f_pre, f_tuned, perm)
+            base2 = float((f_pre**2).sum())
+        else:
+            assert isinstance(space, ScaleSpace)
+            rng = _instance_rng(options.seed, inst.id)
+            factors = sample_factors(rng, inst.size, options.scale_low, options.scale_high, options.scale_law)
+            if quantize == "pow2":
+                exps = np.round(np.log2(factors)).astype(np.int64)
+                lo, hi = _factor_bounds(model, inst, tuned)
+                ok = lo <= hi
+                bounded = np.where(ok, np.clip(exps, lo, hi), 0)
+                clamped += int((bounded != exps).sum())
+                factors = np.exp2(bounded.astype(np.float64))
+            transform = Transform(inst.id, factors=factors)
+            detail = f"factors {factors.min():.3g}..{factors.max():.3g}"
+            task2 = after2 = base2 = 0.0
+            for bt in inst.tensors:
+                base2 += float((axis_view(pre[bt.name], bt.binding) ** 2).sum())
+                new = apply_transform(tuned[bt.name], bt.binding, inst, transform)
+                # fused tensors (GPT-2 c_attn) appear once per chunk: measure only the chunk
+                task2 += float(((axis_view(tuned[bt.name], bt.binding) - axis_view(pre[bt.name], bt.binding)) ** 2).sum())
+                after2 += float(((axis_view(new, bt.binding) - axis_view(pre[bt.name], bt.binding)) ** 2).sum())
+        transforms.append(transform)
+        reports.append(InstanceReport(inst.id, space.kind if isinstance(space, PermutationSpace) else f"scale-{space.role}",
+                                      task2**0.5, after2**0.5, base2**0.5, detail))
+    if clamped:
+        notes.append(
+            f"{clamped} scale factor(s) were bounded so that no float16/bfloat16 weight overflows "
+            "or becomes subnormal"
+        )
+    return transforms, reports, notes
+
+
+def rewrite_checkpoint(
+    template: Checkpoint,
+    out: Path,
+    produce: Callable[[str], torch.Tensor],
+    *,
+    overwrite: bool,
+    progress: bool,
+    desc: str,
+    before_commit: Callable[[str], None] | None = None,
+) -> str:
+    """Write a checkpoint laid out like `template` whose tensors come from `produce(name)`.
+
+    Shards, index and non-weight files follow the template; the folder appears at `out` only
+    when complete. Returns the fingerprint (sha256 over every output tensor's name, dtype, shape
+    and bytes). `before_commit(fingerprint)` may raise to abandon the output.
+    """
+    digests: dict[str, bytes] = {}
+    total = 0
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        copy_non_weight_files(template, tmp)
+        bar = tqdm(total=len(template.names), desc=desc, unit="tensor", disable=not progress)
+        for shard in template.shards:
+            tensors = {}
+            for name in shard.names:
+                t = produce(name)
+                tensors[name] = t
+                digests[name] = tensor_digest(name, t)
+                total += t.numel() * t.element_size()
+                bar.update()
+            write_shard(tmp, shard, tensors, template.shard_metadata(shard))
+            del tensors
+        bar.close()
+        write_index(tmp, template, total)
+        fingerprint = fingerprint_of(digests)
+        if before_commit is not None:
+            before_commit(fingerprint)
+    return fingerprint
+
+
+def fingerprint_of(digests: dict[str, bytes]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(digests):
+        h.update(digests[name])
+    return h.hexdigest()
+
+
+def _transformed(
+    ckpt: Checkpoint, bound: BoundModel, transforms: Iterable[Transform], *, inverse: bool
+) -> Callable[[str], torch.Tensor]:
+    by_id = {t.instance_id: t for t in transforms}
+    rank = {iid: k for k, iid in enumerate(by_id)}
+
+    def produce(name: str) -> torch.Tensor:
+        t = ckpt.get(name)
+        todo = sorted(
+            (
+                (inst, bt.binding)
+                for inst in bound.by_tensor.get(name, ())
+                if inst.id in by_id
+                for bt in inst.tensors
+                if bt.name == name
+            ),
+            key=lambda ib: rank[ib[0].id],
+            reverse=inverse,
+        )
+        if not todo:
+            if t.dtype in FLOAT_DTYPES and not torch.isfinite(t).all():
+                raise NumericError(
+                    f"{ckpt.folder}: tensor {name!r} has NaN/Inf values. Fix or re-export the checkpoint."
+                )
+            return t
+        c = _as_compute(t, name, str(ckpt.folder))
+        for inst, binding in todo:
+            c = apply_transform(c, binding, inst, by_id[inst.id], inverse=inverse)
+        return c.to(t.dtype)
+
+    return produce
+
+
+# ---- key files ------------------------------------------------------------------------------
+def _write_key(path: Path, transforms: list[Transform], meta: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for t in transforms:
+        if t.perm is not None:
+            tensors[f"perm::{t.instance_id}"] = torch.from_numpy(t.perm.astype(np.int64))
+        else:
+            assert t.factors is not None
+            tensors[f"scale::{t.instance_id}"] = torch.from_numpy(t.factors.astype(np.float64))
+    meta = {**meta, "format": KEY_FORMAT, "order": json.dumps([t.instance_id for t in transforms])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _read_key(path: Path) -> tuple[list[Transform], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != KEY_FORMAT:
+                raise KeyMismatchError(f"{path}: not a mergeshield key file (format {meta.get('format')!r}).")
+            out = []
+            for iid in json.loads(meta["order"]):
+                if f"perm::{iid}" in f.keys():
+                    out.append(Transform(iid, perm=f.get_tensor(f"perm::{iid}").numpy()))
+                else:
+                    out.append(Transform(iid, factors=f.get_tensor(f"scale::{iid}").numpy()))
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise KeyMismatchError(f"{path}: cannot be read as a mergeshield key file ({exc}).") from None
+    return out, meta
+
+
+# ---- public API -----------------------------------------------------------------------------
+def protect(
+    model_dir: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: ProtectOptions | None = None,
+    *,
+    key_out: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> ProtectReport:
+    """Write a protected copy of a fine-tuned checkpoint.
+
+    Args:
+        model_dir: the fine-tuned Hugging Face model folder (never modified).
+        base_dir: the pretrained checkpoint it was fine-tuned from.
+        out_dir: where the protected folder appears (only once complete).
+        options: which transforms, seed, scale range and law.
+        key_out: optional path of a key file from which `unprotect` restores the original;
+            refused inside `out_dir` (the key must never ship with the model).
+        overwrite: replace an existing `out_dir`.
+        progress: show progress bars.
+
+    Returns:
+        A report with per-layer distances to the base, the output fingerprint and notes.
+
+    Example:
+        >>> report = protect("ft", "base", "ft-protected", ProtectOptions(seed=1))  # doctest: +SKIP
+        >>> print(report.table())                                                 # doctest: +SKIP
+    """
+    options = options or ProtectOptions()
+    model_dir, base_dir, out = Path(model_dir), Path(base_dir), Path(out_dir)
+    check_output_path(out, [model_dir, base_dir], overwrite)
+    key_path = Path(key_out) if key_out is not None else None
+    if key_path is not None:
+        kr, outr = key_path.resolve(), out.resolve()
+        if kr == outr or outr in kr.parents or kr.parent in (model_dir.resolve(), base_dir.resolve()):
+            raise OutputPathError(
+                f"key file {key_path} would be written inside the protected output or an input "
+                "folder. Keep the key apart from the model you publish: choose another --key-out."
+            )
+        if key_path.exists() and not overwrite:
+            raise OutputPathError(f"key file {key_path} exists; choose another path or pass --overwrite.")
+    with Checkpoint(model_dir) as model, Checkpoint(base_dir) as base:
+        bound = bind_checkpoint(model)
+        names = _check_base(model, base, bound)
+        transforms, reports, notes = _plan(model, base, bound, names, options, progress)
+        ratio = _task_vector_ratio(reports)
+        if ratio > 0.5:
+            notes.append(
+                f"WARNING: the task vector is {ratio:.0%} of the base weights' norm in the "
+                "transformed layers: implausibly large for a fine-tune. Is --base really this model's "
+                "pretrained checkpoint?"
+            )
+        produce = _transformed(model, bound, transforms, inverse=False)
+        meta = {
+            "family": bound.family.name,
+            "model_type": model.model_type,
+            "options": options.model_dump_json(),
+        }
+
+        def commit_key(fp: str) -> None:
+            if key_path is not None:
+                _write_key(key_path, transforms, {**meta, "fingerprint": fp})
+
+        fingerprint = rewrite_checkpoint(
+            model, out, produce, overwrite=overwrite, progress=progress, desc="writing",
+            before_commit=commit_key,
+        )
+    return ProtectReport(out, bound.family.name, fingerprint, reports, key_path, notes)
+
+
+def _task_vector_ratio(reports: list[InstanceReport]) -> float:
+    tau2 = sum(r.task_norm**2 for r in reports)
+    pre2 = sum(r.base_norm**2 for r in reports)
+    return (tau2 / pre2) ** 0.5 if pre2 else 0.0
+
+
+def unprotect(
+    protected_dir: str | os.PathLike[str],
+    key: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> str:
+    """Restore the original weights from a protected checkpoint and its key file.
+
+    Exact for permutations and power-of-two scales; within float rounding for other scales.
+
+    Raises:
+        KeyMismatchError: the key's fingerprint does not match the protected weights (wrong
+            key, another model, or the protected files were changed).
+
+    Returns:
+        The fingerprint of the restored weights.
+    """
+    protected_dir, out = Path(protected_dir), Path(out_dir)
+    check_output_path(out, [protected_dir], overwrite)
+    transforms, meta = _read_key(Path(key))
+    with Checkpoint(protected_dir) as ckpt:
+        if meta.get("model_type") != ckpt.model_type:
+            raise KeyMismatchError(
+                f"key {key} was made for a {meta.get('model_type')!r} model, but {protected_dir} is "
+                f"{ckpt.model_type!r}. Use the key written when this model was protected."
+            )
+        bound = bind_checkpoint(ckpt)
+        known = {inst.id for inst in bound.instances}
+        unknown = [t.instance_id for t in transforms if t.instance_id not in known]
+        if unknown:
+            raise KeyMismatchError(f"key {key} names layers this model lacks: {unknown[:4]}.")
+        actual = _fingerprint(ckpt)
+        if actual != meta.get("fingerprint"):
+            raise KeyMismatchError(
+                f"key {key} does not belong to {protected_dir}: the protected weights' fingerprint "
+                f"is {actual[:16]}..., the key expects {str(meta.get('fingerprint'))[:16]}.... Use the "
+                "key written when this exact model was protected (the weights must be unchanged)."
+            )
+        produce = _transformed(ckpt, bound, transforms, inverse=True)
+        return rewrite_checkpoint(ckpt, out, produce, overwrite=overwrite, progress=progress, desc="restoring")
+
+
+def _fingerprint(ckpt: Checkpoint) -> str:
+    return fingerprint_of({name: tensor_digest(name, ckpt.get(name)) for name in ckpt.names})

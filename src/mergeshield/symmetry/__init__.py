@@ -1,0 +1,1 @@
+"""Architecture symmetry descriptions (data) and their binding to checkpoints."""
