@@ -354,7 +354,7 @@ def _transformed(
 
 
 # ---- key files ------------------------------------------------------------------------------
-def _write_key(path: Path, transforms: list[Transform], meta: dict[str, str]) -> None:
+def _write_key(path: Path, transforms: list[Transform], meta: dict[str, object]) -> None:
     from safetensors.torch import save_file
 
     tensors = {}
@@ -364,27 +364,30 @@ def _write_key(path: Path, transforms: list[Transform], meta: dict[str, str]) ->
         else:
             assert t.factors is not None
             tensors[f"scale::{t.instance_id}"] = torch.from_numpy(t.factors.astype(np.float64))
-    meta = {**meta, "format": KEY_FORMAT, "order": json.dumps([t.instance_id for t in transforms])}
+    meta = {**meta, "format": KEY_FORMAT, "order": [t.instance_id for t in transforms]}
+    # One metadata entry: safetensors writes several in hash order, which would break
+    # byte-identical keys for identical inputs.
+    header = {"mergeshield_key": json.dumps(meta, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(tensors, str(tmp), metadata=header)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _read_key(path: Path) -> tuple[list[Transform], dict[str, str]]:
+def _read_key(path: Path) -> tuple[list[Transform], dict[str, object]]:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(path, framework="pt") as f:
-            meta = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get("mergeshield_key", "{}"))
             if meta.get("format") != KEY_FORMAT:
                 raise KeyMismatchError(f"{path}: not a mergeshield key file (format {meta.get('format')!r}).")
             out = []
-            for iid in json.loads(meta["order"]):
+            for iid in meta["order"]:
                 if f"perm::{iid}" in f.keys():
                     out.append(Transform(iid, perm=f.get_tensor(f"perm::{iid}").numpy()))
                 else:
@@ -452,7 +455,7 @@ def protect(
         meta = {
             "family": bound.family.name,
             "model_type": model.model_type,
-            "options": options.model_dump_json(),
+            "options": options.model_dump(),
         }
 
         def commit_key(fp: str) -> None:

@@ -98,7 +98,7 @@ def _probe_inputs(folder: Path, model: torch.nn.Module, texts: list[str] | None,
         if tokenizer is not None:
             if tokenizer.pad_token is None:
                 tokenizer.pad_token = tokenizer.eos_token
-            if type(model).__name__.endswith("ForCausalLM"):
+            if _is_generator(model):
                 tokenizer.padding_side = "left"  # so greedy generation continues the real text
             batch = tokenizer(list(texts or PROBE_TEXTS), return_tensors="pt", padding=True, truncation=True, max_length=64)
             inputs.update({k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")})
@@ -117,6 +117,11 @@ def _probe_inputs(folder: Path, model: torch.nn.Module, texts: list[str] | None,
         )
         probe.append("random pixel tensors")
     return inputs, "; ".join(probe), tokenizer
+
+
+def _is_generator(model: torch.nn.Module) -> bool:
+    can = getattr(model, "can_generate", None)
+    return bool(can()) if callable(can) else False
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
@@ -181,7 +186,7 @@ def verify(
         if mask is not None and ta.dim() == 3 and ta.shape[:2] == mask.shape:
             ta, tb = ta[mask.bool()], tb[mask.bool()]  # padding positions are not outputs
         report.diffs.append(_diff(key, ta, tb, with_top1=key.startswith("logits")))
-    if generate_tokens and type(a).__name__.endswith("ForCausalLM"):
+    if generate_tokens and _is_generator(a):
         ids = inputs["input_ids"][:2]
         am = mask[:2] if mask is not None else None
         kwargs = dict(max_new_tokens=generate_tokens, do_sample=False, attention_mask=am,

@@ -74,6 +74,8 @@ class Checkpoint:
                 f"{self.folder} is a file, not a folder. Pass the folder that holds config.json and "
                 "the weights (a Hugging Face model folder)."
             )
+        self._handles: dict[Path, Any] = {}
+        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         self.config = self._read_config()
         self.shards = self._find_shards()
         self._where: dict[str, Shard] = {}
@@ -86,8 +88,6 @@ class Checkpoint:
                         "inconsistent; re-save it with save_pretrained."
                     )
                 self._where[name] = shard
-        self._handles: dict[Path, Any] = {}
-        self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._load_meta()
 

@@ -1,0 +1,187 @@
+"""The ``mergeshield`` command line: a thin layer over the library API."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from mergeshield.errors import MergeShieldError
+from mergeshield.protect import ProtectOptions
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Protect fine-tuned transformers against free-rider model merging; verify, merge, measure.",
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, markup=False)
+_state = {"debug": False}
+F = TypeVar("F", bound=Callable[..., Any])
+_D = ProtectOptions.model_fields
+
+
+def _handled(fn: F) -> F:
+    """Turn input errors into a clear message and exit code 2 (a traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (MergeShieldError, ValidationError, ValueError, OSError) as exc:
+            if _state["debug"]:
+                raise
+            err.print(f"error: {exc}", markup=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: no output was left behind")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+@_handled
+def protect(
+    model_dir: Annotated[Path, typer.Argument(help="Fine-tuned model folder (never modified).")],
+    base: Annotated[Path, typer.Option("--base", help="The pretrained checkpoint it was fine-tuned from.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the protected model.")],
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bytes).")] = _D["seed"].default,
+    permute_mlp: Annotated[bool, typer.Option(help="Permute MLP neurons (LAP against the base).")] = _D["permute_mlp"].default,
+    scale_qk: Annotated[bool, typer.Option(help="Random per-dimension Q/K scaling.")] = _D["scale_qk"].default,
+    scale_vo: Annotated[bool, typer.Option(help="Random per-dimension V/O scaling.")] = _D["scale_vo"].default,
+    scale_low: Annotated[float, typer.Option(help="Smallest scale factor.")] = _D["scale_low"].default,
+    scale_high: Annotated[float, typer.Option(help="Largest scale factor.")] = _D["scale_high"].default,
+    scale_law: Annotated[str, typer.Option(help="uniform | loguniform | beta.")] = _D["scale_law"].default,
+    scale_quantize: Annotated[str, typer.Option(help="auto (powers of two for fp16/bf16) | none | pow2.")] = _D["scale_quantize"].default,
+    key_out: Annotated[Path | None, typer.Option(help="Write a key file here (keep it private; not inside --out).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output once the new one is complete.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Write a protected copy of MODEL_DIR that computes the same function but resists merging."""
+    from mergeshield.protect import protect as _protect
+
+    options = ProtectOptions(
+        seed=seed, permute_mlp=permute_mlp, scale_qk=scale_qk, scale_vo=scale_vo,
+        scale_low=scale_low, scale_high=scale_high, scale_law=scale_law,  # type: ignore[arg-type]
+        scale_quantize=scale_quantize,  # type: ignore[arg-type]
+    )
+    report = _protect(model_dir, base, out_dir, options, key_out=key_out, overwrite=overwrite, progress=not quiet)
+    out.print(report.table(), highlight=False)
+    for note in report.notes:
+        out.print(f"note: {note}", highlight=False)
+    out.print(f"protected model written to {report.out} (fingerprint {report.fingerprint[:16]})")
+    if report.key:
+        out.print(f"key written to {report.key}: keep it private, do not publish it with the model")
+
+
+@app.command()
+@_handled
+def unprotect(
+    protected_dir: Annotated[Path, typer.Argument(help="The protected model folder.")],
+    key: Annotated[Path, typer.Option("--key", help="The key file written by protect --key-out.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the restored model.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Restore the original weights from a protected model and its key."""
+    from mergeshield.protect import unprotect as _unprotect
+
+    fp = _unprotect(protected_dir, key, out_dir, overwrite=overwrite, progress=not quiet)
+    out.print(f"restored model written to {out_dir} (fingerprint {fp[:16]})")
+
+
+@app.command()
+@_handled
+def verify(
+    original_dir: Annotated[Path, typer.Argument(help="Reference model folder.")],
+    protected_dir: Annotated[Path, typer.Argument(help="Model folder to compare.")],
+    texts: Annotated[Path | None, typer.Option(help="Probe texts, one per line (default: built-in).")] = None,
+    rtol: Annotated[float, typer.Option(help="Largest allowed max|a-b|/max|a| per output.")] = 1e-4,
+    generate: Annotated[int, typer.Option(help="Greedy tokens to compare for causal LMs.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed for random probes.")] = 0,
+) -> None:
+    """Exit 0 if both models compute the same outputs within tolerance, 1 if not."""
+    from mergeshield.verify import verify as _verify
+
+    lines = None
+    if texts is not None:
+        lines = [ln for ln in texts.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise MergeShieldError(f"{texts}: no non-empty lines to use as probes")
+    report = _verify(original_dir, protected_dir, texts=lines, rtol=rtol, generate_tokens=generate, seed=seed)
+    out.print(report.table(), highlight=False)
+    raise typer.Exit(0 if report.equivalent else 1)
+
+
+@app.command()
+@_handled
+def merge(
+    model_dirs: Annotated[list[Path], typer.Argument(help="Fine-tuned model folders to merge.")],
+    base: Annotated[Path, typer.Option("--base", help="Their common pretrained checkpoint.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the merged model.")],
+    method: Annotated[str, typer.Option(help="average | task_arithmetic | ties | dare_ta | dare_ties.")] = "task_arithmetic",
+    lam: Annotated[float | None, typer.Option("--lambda", help="Scale on the merged task vector.")] = None,
+    density: Annotated[float | None, typer.Option(help="TIES: fraction of each task vector kept.")] = None,
+    drop: Annotated[float | None, typer.Option(help="DARE: drop probability.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for DARE.")] = 0,
+    extra: Annotated[str, typer.Option(help="Tensors the base lacks (heads): error | first | average.")] = "error",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Merge fine-tunes of one base (for evaluating protection)."""
+    from mergeshield.merge.engine import merge_checkpoints
+    from mergeshield.merge.methods import make_method
+
+    if extra not in ("error", "first", "average"):
+        raise MergeShieldError(f"--extra must be error, first or average, got {extra!r}")
+    m = make_method(method, lam=lam, density=density, drop=drop)
+    fp = merge_checkpoints(base, list(model_dirs), out_dir, m, seed=seed, extra=extra,  # type: ignore[arg-type]
+                           overwrite=overwrite, progress=not quiet)
+    out.print(f"merged model ({m.model_dump(exclude_none=True)}) written to {out_dir} (fingerprint {fp[:16]})",
+              highlight=False)
+
+
+@app.command()
+def families() -> None:
+    """List the supported architecture families and model types."""
+    from mergeshield.symmetry.registry import get_family, list_families
+
+    for name in list_families():
+        fam = get_family(name)
+        out.print(f"{name:<8} model_type: {', '.join(fam.model_types):<24} {fam.description}", highlight=False)
+
+
+@app.command()
+@_handled
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the report and checkpoints.")] = Path("mergeshield-demo"),
+    cache: Annotated[Path | None, typer.Option(help="Cache for fine-tuned models (default ~/.cache/mergeshield).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for data splits, fine-tuning and protection.")] = 0,
+) -> None:
+    """Fine-tune all-MiniLM-L6-v2 on BBC topic and Rotten Tomatoes sentiment, protect one, merge, report."""
+    from mergeshield.demo import run_demo
+
+    run_demo(out_dir, cache=cache, seed=seed)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Every family through the same checks: equivalence, round-trip, determinism, layouts, dtypes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import TINY, build, save
+
+from mergeshield import ProtectOptions, protect, unprotect, verify
+from mergeshield.io.checkpoint import Checkpoint
+
+FAMILIES = sorted(TINY)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(folder)
+    return {n: ckpt.get(n) for n in ckpt.names}
+
+
+@pytest.fixture(scope="module")
+def protected(tiny_pair, tmp_path_factory):
+    cache: dict[str, tuple[Path, Path, Path, Path]] = {}
+
+    def get(family: str):
+        if family not in cache:
+            base, ft, _ = tiny_pair(family)
+            root = tmp_path_factory.mktemp(f"prot-{family}")
+            report = protect(ft, base, root / "out", ProtectOptions(seed=7), key_out=root / "key.safetensors", progress=False)
+            cache[family] = (base, ft, root / "out", root / "key.safetensors", report)
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_protected_forward_equals_original(protected, family):
+    _, ft, out, _, _ = protected(family)
+    report = verify(ft, out, rtol=1e-5)
+    assert report.equivalent, report.table()
+    if family in ("llama", "mistral", "qwen2", "gpt2"):
+        assert report.generations_equal
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_protection_moves_weights_far_from_base(protected, family):
+    base, ft, out, _, report = protected(family)
+    for r in report.instances:
+        # each transformed layer is several task-vector norms away from the base
+        assert r.ratio > 3, r
+    # and the protected tensors really differ from the fine-tuned ones
+    a, b = _weights(ft), _weights(out)
+    changed = [n for n in a if not torch.equal(a[n], b[n])]
+    assert len(changed) >= 4 * len(report.instances) // 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unprotect_restores_original(protected, tmp_path, family):
+    _, ft, out, key, _ = protected(family)
+    unprotect(out, key, tmp_path / "restored", progress=False)
+    a, b = _weights(ft), _weights(tmp_path / "restored")
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_seed_same_bytes_other_seed_other_key(tiny_pair, tmp_path, family):
+    base, ft, _ = tiny_pair(family)
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        protect(ft, base, tmp_path / name, ProtectOptions(seed=seed), key_out=tmp_path / f"{name}.key", progress=False)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert (tmp_path / "a.key").read_bytes() == (tmp_path / "b.key").read_bytes()
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ProtectOptions(scale_qk=False, scale_vo=False),
+        ProtectOptions(permute_mlp=False),
+        ProtectOptions(permute_mlp=False, scale_vo=False, scale_law="loguniform"),
+        ProtectOptions(permute_mlp=False, scale_qk=False, scale_law="beta", scale_low=0.5, scale_high=2),
+    ],
+    ids=["mlp-only", "scales-only", "qk-loguniform", "vo-beta"],
+)
+def test_each_transform_alone_preserves_function(tiny_pair, tmp_path, options):
+    base, ft, _ = tiny_pair("llama")
+    report = protect(ft, base, tmp_path / "out", options, progress=False)
+    kinds = {r.kind for r in report.instances}
+    assert ("permutation" in kinds) == options.permute_mlp
+    assert ("scale-qk" in kinds) == options.scale_qk
+    assert ("scale-vo" in kinds) == options.scale_vo
+    assert verify(ft, tmp_path / "out", rtol=1e-5).equivalent
+
+
+def test_mlp_permutation_is_the_farthest_assignment(protected):
+    """The chosen permutation beats every random one and the identity (correct LAP direction)."""
+    from mergeshield.core.assignment import farthest_permutation, permutation_objective
+
+    rng = np.random.default_rng(0)
+    pre, tuned = torch.randn(40, 12, dtype=torch.float64), torch.randn(40, 12, dtype=torch.float64)
+    tuned = pre + 0.1 * tuned
+    best = farthest_permutation(pre, tuned)
+    obj = permutation_objective(pre, tuned, best)
+    assert obj > permutation_objective(pre, tuned, np.arange(40))
+    for _ in range(200):
+        assert obj >= permutation_objective(pre, tuned, rng.permutation(40)) - 1e-9
+    # applying the inverse instead would be a different (worse) permutation
+    inv = np.argsort(best)
+    if not np.array_equal(inv, best):
+        assert permutation_objective(pre, tuned, inv) <= obj
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_exact_and_keeps_dtype(tmp_path, dtype):
+    base = build("llama", 0)
+    ft = build("llama", 1, finetune_of=base)
+    save(base, tmp_path / "base", dtype=dtype)
+    save(ft, tmp_path / "ft", dtype=dtype)
+    report = protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", key_out=tmp_path / "k", progress=False)
+    assert any("powers of two" in n for n in report.notes)
+    w = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in w.values()} == {dtype}
+    assert all(torch.isfinite(t).all() for t in w.values())
+    assert verify(tmp_path / "ft", tmp_path / "out", rtol=1e-5).equivalent
+    # power-of-two factors make the round trip bit-exact
+    unprotect(tmp_path / "out", tmp_path / "k", tmp_path / "back", progress=False)
+    a, b = _weights(tmp_path / "ft"), _weights(tmp_path / "back")
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_half_precision_bounds_factors_that_would_overflow(tmp_path):
+    base = build("llama", 0)
+    ft = build("llama", 1, finetune_of=base)
+    with torch.no_grad():  # q rows near float16's max: scaling them up would overflow
+        for m in (base, ft):
+            m.model.layers[0].self_attn.q_proj.weight.mul_(30000 / m.model.layers[0].self_attn.q_proj.weight.abs().max())
+    save(base, tmp_path / "base", dtype=torch.float16)
+    save(ft, tmp_path / "ft", dtype=torch.float16)
+    report = protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+    assert any("bounded" in n for n in report.notes)
+    w = load_file(tmp_path / "out" / "model.safetensors")
+    q = w["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.isfinite(q).all() and q.abs().max() <= 65504 / 2**8 * 1.01 or q.abs().max() <= 30000
+
+
+def test_sharded_input_gives_same_sharding(tmp_path):
+    base = build("gpt2", 0)
+    ft = build("gpt2", 1, finetune_of=base)
+    save(base, tmp_path / "base")
+    save(ft, tmp_path / "ft", max_shard_size="20KB")
+    index = json.loads((tmp_path / "ft" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+    out_index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert out_index["weight_map"] == index["weight_map"]
+    for shard in set(index["weight_map"].values()):
+        assert load_file(tmp_path / "ft" / shard).keys() == load_file(tmp_path / "out" / shard).keys()
+    assert verify(tmp_path / "ft", tmp_path / "out", rtol=1e-5).equivalent
+
+
+def test_pytorch_bin_input_gives_safetensors(tmp_path):
+    base = build("bert", 0)
+    ft = build("bert", 1, finetune_of=base)
+    save(base, tmp_path / "base")
+    (tmp_path / "ft").mkdir()
+    ft.config.save_pretrained(tmp_path / "ft")
+    torch.save(ft.state_dict(), tmp_path / "ft" / "pytorch_model.bin")
+    protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+    assert verify(tmp_path / "ft", tmp_path / "out", rtol=1e-5).equivalent
+
+
+def test_non_weight_files_are_copied_unchanged(protected):
+    _, ft, out, _, _ = protected("gpt2")
+    for p in Path(ft).iterdir():
+        if p.suffix != ".safetensors":
+            assert (out / p.name).read_bytes() == p.read_bytes()
+
+
+def test_inputs_are_not_modified(tiny_pair, tmp_path):
+    base, ft, _ = tiny_pair("qwen2")
+    before = {p: p.read_bytes() for d in (base, ft) for p in Path(d).iterdir()}
+    protect(ft, base, tmp_path / "out", key_out=tmp_path / "key", progress=False)
+    assert before == {p: p.read_bytes() for d in (base, ft) for p in Path(d).iterdir()}
+
+
+def test_key_is_never_inside_the_published_folder(tiny_pair, tmp_path):
+    from mergeshield.errors import OutputPathError
+
+    base, ft, _ = tiny_pair("llama")
+    with pytest.raises(OutputPathError, match="Keep the key apart"):
+        protect(ft, base, tmp_path / "out", key_out=tmp_path / "out" / "key.safetensors", progress=False)
+    assert not (tmp_path / "out").exists()
+    protect(ft, base, tmp_path / "out", key_out=tmp_path / "key.safetensors", progress=False)
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "out").iterdir())
+    assert b"perm::" not in blob and b"scale::" not in blob
