@@ -13,28 +13,28 @@ import torch
 import transformers as T
 
 GQA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-           num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+           num_key_value_heads=2, vocab_size=128, max_position_embeddings=64, initializer_range=0.2)
 
 TINY: dict[str, tuple[str, str, T.PretrainedConfig]] = {
     "bert": ("BertModel", "BertForSequenceClassification",
              T.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                          vocab_size=128, max_position_embeddings=64, num_labels=3)),
+                          vocab_size=128, max_position_embeddings=64, num_labels=3, initializer_range=0.2)),
     "roberta": ("RobertaModel", "RobertaForSequenceClassification",
                 T.RobertaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                vocab_size=128, max_position_embeddings=70, num_labels=2)),
+                                vocab_size=128, max_position_embeddings=70, num_labels=2, initializer_range=0.2)),
     "vit": ("ViTModel", "ViTForImageClassification",
             T.ViTConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                        image_size=16, patch_size=4, num_labels=5)),
+                        image_size=16, patch_size=4, num_labels=5, initializer_range=0.2)),
     "clip": ("CLIPModel", "CLIPModel",
              T.CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                            num_attention_heads=4, vocab_size=128, max_position_embeddings=32,
                                            bos_token_id=0, eos_token_id=1, pad_token_id=1),
                           vision_config=dict(hidden_size=40, intermediate_size=56, num_hidden_layers=2,
                                              num_attention_heads=5, image_size=16, patch_size=4),
-                          projection_dim=16)),
+                          projection_dim=16, initializer_factor=5.0)),
     "gpt2": ("GPT2LMHeadModel", "GPT2LMHeadModel",
              T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=128, n_positions=64,
-                          bos_token_id=0, eos_token_id=1)),
+                          bos_token_id=0, eos_token_id=1, initializer_range=0.2)),
     "llama": ("LlamaForCausalLM", "LlamaForCausalLM",
               T.LlamaConfig(**GQA, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)),
     "mistral": ("MistralForCausalLM", "MistralForCausalLM",
