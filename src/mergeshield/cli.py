@@ -21,7 +21,7 @@ app = typer.Typer(
     help="Protect fine-tuned transformers against free-rider model merging; verify, merge, measure.",
 )
 err = Console(stderr=True, highlight=False)
-out = Console(highlight=False, markup=False)
+out = Console(highlight=False, markup=False, soft_wrap=True)
 _state = {"debug": False}
 F = TypeVar("F", bound=Callable[..., Any])
 _D = ProtectOptions.model_fields

@@ -1,0 +1,286 @@
+"""Bad input gets a clear error, exit code 2 from the CLI, no traceback and no partial output."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import build, save
+
+from mergeshield import ProtectOptions, protect, unprotect
+from mergeshield.errors import (
+    BaseMismatchError,
+    CheckpointError,
+    KeyMismatchError,
+    NumericError,
+    OutputPathError,
+    SpecError,
+    UnsupportedArchitectureError,
+)
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _snapshot(*folders: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for f in folders for p in sorted(Path(f).rglob("*")) if p.is_file()}
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if "mergeshield-tmp" in p.name]
+
+
+@pytest.fixture()
+def pair(tiny_pair, tmp_path):
+    base, ft, _ = tiny_pair("llama")
+    return _copy(base, tmp_path / "base"), _copy(ft, tmp_path / "ft")
+
+
+def _corrupt_ft(ft: Path, how: str) -> None:
+    st = ft / "model.safetensors"
+    if how == "missing_config":
+        (ft / "config.json").unlink()
+    elif how == "bad_config_json":
+        (ft / "config.json").write_text("{not json")
+    elif how == "config_without_model_type":
+        (ft / "config.json").write_text(json.dumps({"hidden_size": 4}))
+    elif how == "missing_weights":
+        st.unlink()
+    elif how == "truncated":
+        data = st.read_bytes()
+        st.write_bytes(data[: len(data) // 2])
+    elif how == "garbage_header":
+        st.write_bytes(b"\xff" * 64)
+    elif how == "header_lies_about_offsets":
+        data = bytearray(st.read_bytes())
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8 : 8 + n])
+        name = next(k for k in header if k != "__metadata__")
+        header[name]["data_offsets"][1] += 10**6
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        st.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data[8 + n :]))
+    elif how == "nan_weight":
+        w = load_file(st)
+        w["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+        save_file(w, st, metadata={"format": "pt"})
+    elif how == "inf_invariant":
+        w = load_file(st)
+        w["model.norm.weight"][0] = float("inf")
+        save_file(w, st, metadata={"format": "pt"})
+    elif how == "int8_quantised":
+        w = load_file(st)
+        w["model.layers.0.mlp.up_proj.weight"] = w["model.layers.0.mlp.up_proj.weight"].to(torch.int8)
+        save_file(w, st, metadata={"format": "pt"})
+    elif how == "unknown_model_type":
+        cfg = json.loads((ft / "config.json").read_text())
+        cfg["model_type"] = "mamba"
+        (ft / "config.json").write_text(json.dumps(cfg))
+    elif how == "extra_unknown_tensor":
+        w = load_file(st)
+        w["model.layers.0.adapter.weight"] = torch.zeros(3)
+        save_file(w, st, metadata={"format": "pt"})
+    elif how == "missing_layer_tensor":
+        w = load_file(st)
+        del w["model.layers.1.mlp.down_proj.weight"]
+        save_file(w, st, metadata={"format": "pt"})
+    else:
+        raise AssertionError(how)
+
+
+CASES = {
+    "missing_config": (CheckpointError, "config.json"),
+    "bad_config_json": (CheckpointError, "JSON"),
+    "config_without_model_type": (CheckpointError, "model_type"),
+    "missing_weights": (CheckpointError, "no weights found"),
+    "truncated": (CheckpointError, "truncated or corrupt"),
+    "garbage_header": (CheckpointError, "truncated or corrupt"),
+    "header_lies_about_offsets": (CheckpointError, "corrupt"),
+    "nan_weight": (NumericError, "NaN/Inf"),
+    "inf_invariant": (NumericError, "NaN/Inf"),
+    "int8_quantised": (NumericError, "Dequantise"),
+    "unknown_model_type": (UnsupportedArchitectureError, "Supported model types"),
+    "extra_unknown_tensor": (SpecError, "adapter"),
+    "missing_layer_tensor": (SpecError, "down_proj"),
+}
+
+
+@pytest.mark.parametrize("how", sorted(CASES))
+def test_bad_model_is_refused_clearly_and_leaves_nothing(pair, tmp_path, how):
+    base, ft = pair
+    _corrupt_ft(ft, how)
+    before = _snapshot(base, ft)
+    err, text = CASES[how]
+    with pytest.raises(err, match=text):
+        protect(ft, base, tmp_path / "out", key_out=tmp_path / "key", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "key").exists()
+    assert _leftovers(tmp_path) == []
+    assert _snapshot(base, ft) == before
+
+
+def test_base_of_another_width_is_refused(tiny_pair, tmp_path):
+    import transformers as T
+
+    _, ft, _ = tiny_pair("llama")
+    other = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    save(other, tmp_path / "base")
+    with pytest.raises(BaseMismatchError, match="not the model's pretrained"):
+        protect(ft, tmp_path / "base", tmp_path / "out", progress=False)
+
+
+def test_base_of_another_depth_is_refused(tiny_pair, tmp_path):
+    import transformers as T
+
+    _, ft, _ = tiny_pair("llama")
+    other = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+    save(other, tmp_path / "base")
+    with pytest.raises(BaseMismatchError, match="different depth"):
+        protect(ft, tmp_path / "base", tmp_path / "out", progress=False)
+
+
+def test_base_of_another_architecture_is_refused(tiny_pair, tmp_path):
+    base, _, _ = tiny_pair("gpt2")
+    _, ft, _ = tiny_pair("llama")
+    with pytest.raises(BaseMismatchError, match="'gpt2'"):
+        protect(ft, base, tmp_path / "out", progress=False)
+
+
+def test_unrelated_base_is_warned_about(tiny_pair, tmp_path):
+    import transformers as T
+    from tiny_models import TINY
+
+    _, ft, _ = tiny_pair("llama")
+    torch.manual_seed(123)
+    save(T.LlamaForCausalLM(TINY["llama"][2]), tmp_path / "base")
+    report = protect(ft, tmp_path / "base", tmp_path / "out", progress=False)
+    assert any("implausibly large" in n for n in report.notes)
+
+
+@pytest.mark.parametrize("where", ["equal_to_model", "inside_model", "equal_to_base", "contains_model"])
+def test_output_overlapping_an_input_is_refused(pair, tmp_path, where):
+    base, ft = pair
+    out = {"equal_to_model": ft, "inside_model": ft / "sub", "equal_to_base": base, "contains_model": tmp_path}[where]
+    before = _snapshot(base, ft)
+    with pytest.raises(OutputPathError, match="overlaps|is input"):
+        protect(ft, base, out, progress=False, overwrite=True)
+    assert _snapshot(base, ft) == before
+
+
+def test_existing_output_needs_overwrite_and_is_replaced_whole(pair, tmp_path):
+    base, ft = pair
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("old")
+    with pytest.raises(OutputPathError, match="--overwrite"):
+        protect(ft, base, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "old.txt").exists()
+    protect(ft, base, tmp_path / "out", progress=False, overwrite=True)
+    assert not (tmp_path / "out" / "old.txt").exists() and (tmp_path / "out" / "model.safetensors").exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_failure_mid_write_leaves_no_output(pair, tmp_path, monkeypatch):
+    import mergeshield.io.checkpoint as io
+
+    base, ft = pair
+    calls = {"n": 0}
+    real = io.save_file
+
+    def full_disk(*args, **kwargs):
+        calls["n"] += 1
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        protect(ft, base, tmp_path / "out", key_out=tmp_path / "key", progress=False)
+    assert calls["n"] == 1 and not (tmp_path / "out").exists() and not (tmp_path / "key").exists()
+    assert _leftovers(tmp_path) == []
+    monkeypatch.setattr(io, "save_file", real)
+
+
+def test_sharded_index_naming_a_missing_shard(tmp_path):
+    base = build("gpt2", 0)
+    save(base, tmp_path / "base")
+    save(build("gpt2", 1, finetune_of=base), tmp_path / "ft", max_shard_size="20KB")
+    shard = sorted((tmp_path / "ft").glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+
+
+def test_sharded_index_naming_a_tensor_no_shard_has(tmp_path):
+    base = build("gpt2", 0)
+    save(base, tmp_path / "base")
+    save(build("gpt2", 1, finetune_of=base), tmp_path / "ft", max_shard_size="20KB")
+    index_path = tmp_path / "ft" / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["ghost.weight"] = next(iter(index["weight_map"].values()))
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="ghost.weight"):
+        protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("PAYLOAD-RAN",))
+
+
+def test_pickle_with_code_is_refused_and_nothing_runs(tmp_path, capfd):
+    base = build("bert", 0)
+    save(base, tmp_path / "base")
+    (tmp_path / "ft").mkdir()
+    base.config.save_pretrained(tmp_path / "ft")
+    torch.save({"x": _Payload()}, tmp_path / "ft" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="weights_only"):
+        protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+    assert "PAYLOAD-RAN" not in capfd.readouterr().out
+
+
+def test_unprotect_with_a_key_for_another_model_is_refused(tiny_pair, tmp_path):
+    base, ft, ft2 = tiny_pair("llama")
+    protect(ft, base, tmp_path / "p1", key_out=tmp_path / "k1", progress=False)
+    protect(ft2, base, tmp_path / "p2", key_out=tmp_path / "k2", progress=False)
+    with pytest.raises(KeyMismatchError, match="does not belong"):
+        unprotect(tmp_path / "p1", tmp_path / "k2", tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+    g_base, g_ft, _ = tiny_pair("gpt2")
+    protect(g_ft, g_base, tmp_path / "p3", key_out=tmp_path / "k3", progress=False)
+    with pytest.raises(KeyMismatchError, match="'gpt2'"):
+        unprotect(tmp_path / "p1", tmp_path / "k3", tmp_path / "r", progress=False)
+    (tmp_path / "notakey").write_bytes(b"hello")
+    with pytest.raises(KeyMismatchError, match="cannot be read"):
+        unprotect(tmp_path / "p1", tmp_path / "notakey", tmp_path / "r", progress=False)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError):
+        ProtectOptions(scale_low=5, scale_high=1)
+    with pytest.raises(ValueError):
+        ProtectOptions(scale_law="gaussian")
+    with pytest.raises(ValueError):
+        ProtectOptions(seed=1, colour="red")
+
+
+# ---- the CLI: message, exit code 2, no traceback -------------------------------------------------
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mergeshield.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_error_is_one_message_without_traceback(pair, tmp_path):
+    base, ft = pair
+    _corrupt_ft(ft, "truncated")
+    res = _cli("protect", str(ft), "--base", str(base), "--out", str(tmp_path / "out"), "--quiet")
+    assert res.returncode == 2
+    assert "error:" in res.stderr and "truncated or corrupt" in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+    res = _cli("--debug", "protect", str(ft), "--base", str(base), "--out", str(tmp_path / "out"), "--quiet")
+    assert "Traceback" in res.stderr
