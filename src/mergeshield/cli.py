@@ -67,6 +67,7 @@ def protect(
     scale_high: Annotated[float, typer.Option(help="Largest scale factor.")] = _D["scale_high"].default,
     scale_law: Annotated[str, typer.Option(help="uniform | loguniform | beta.")] = _D["scale_law"].default,
     scale_quantize: Annotated[str, typer.Option(help="auto (powers of two for fp16/bf16) | none | pow2.")] = _D["scale_quantize"].default,
+    prune_rate: Annotated[float, typer.Option(help="Zero this fraction of transformed weights (changes the function).")] = _D["prune_rate"].default,
     key_out: Annotated[Path | None, typer.Option(help="Write a key file here (keep it private; not inside --out).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output once the new one is complete.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
@@ -77,7 +78,7 @@ def protect(
     options = ProtectOptions(
         seed=seed, permute_mlp=permute_mlp, scale_qk=scale_qk, scale_vo=scale_vo,
         scale_low=scale_low, scale_high=scale_high, scale_law=scale_law,  # type: ignore[arg-type]
-        scale_quantize=scale_quantize,  # type: ignore[arg-type]
+        scale_quantize=scale_quantize, prune_rate=prune_rate,  # type: ignore[arg-type]
     )
     report = _protect(model_dir, base, out_dir, options, key_out=key_out, overwrite=overwrite, progress=not quiet)
     out.print(report.table(), highlight=False)
@@ -153,6 +154,26 @@ def merge(
                            overwrite=overwrite, progress=not quiet)
     out.print(f"merged model ({m.model_dump(exclude_none=True)}) written to {out_dir} (fingerprint {fp[:16]})",
               highlight=False)
+
+
+@app.command()
+@_handled
+def attack(
+    protected_dir: Annotated[Path, typer.Argument(help="The protected model, as published.")],
+    base: Annotated[Path, typer.Option("--base", help="The public pretrained checkpoint.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the realigned model.")],
+    method: Annotated[str, typer.Option(help="permutation | scale | realign | realign+fill.")] = "realign",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Act as a free-rider: realign a protected model to the base (reads no key), to measure robustness."""
+    from mergeshield.attack import attack as _attack
+
+    report = _attack(protected_dir, base, out_dir, method, overwrite=overwrite, progress=not quiet)
+    perms = sum(t.perm is not None for t in report.transforms)
+    scales = sum(t.factors is not None for t in report.transforms)
+    out.print(f"attack {method}: estimated {perms} permutation(s) and {scales} scale set(s); "
+              f"filled {report.filled} pruned entries from the base; wrote {report.out}")
 
 
 @app.command()

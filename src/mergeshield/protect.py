@@ -73,6 +73,10 @@ class ProtectOptions(BaseModel):
     """``auto``: powers of two for float16/bfloat16 checkpoints (exact in any binary float
     format, so the protected half-precision model computes bit-for-bit the same products),
     continuous factors for float32/float64."""
+    prune_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    """PaRaMS' dropout-based pruning against adaptive attackers: zero this fraction of the
+    entries of every transformed tensor (random, seeded per tensor) before rearranging, without
+    rescaling. Unlike the other transforms this CHANGES the function: measure its cost."""
 
     @model_validator(mode="after")
     def _range(self) -> ProtectOptions:
@@ -321,8 +325,17 @@ def fingerprint_of(digests: dict[str, bytes]) -> str:
 
 
 def _transformed(
-    ckpt: Checkpoint, bound: BoundModel, transforms: Iterable[Transform], *, inverse: bool
+    ckpt: Checkpoint,
+    bound: BoundModel,
+    transforms: Iterable[Transform],
+    *,
+    inverse: bool = False,
+    prune: tuple[float, int] | None = None,
 ) -> Callable[[str], torch.Tensor]:
+    """``produce(name)`` for `rewrite_checkpoint`: the tensor with every transform applied.
+
+    ``prune=(rate, seed)`` zeroes a random fraction of each transformed tensor first.
+    """
     by_id = {t.instance_id: t for t in transforms}
     rank = {iid: k for k, iid in enumerate(by_id)}
 
@@ -346,6 +359,9 @@ def _transformed(
                 )
             return t
         c = _as_compute(t, name, str(ckpt.folder))
+        if prune is not None and prune[0] > 0:
+            gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{prune[1]}|prune|{name}".encode()).digest()[:8], "little") >> 1)
+            c = c * (torch.rand(c.shape, generator=gen) >= prune[0]).to(c.dtype)
         for inst, binding in todo:
             c = apply_transform(c, binding, inst, by_id[inst.id], inverse=inverse)
         return c.to(t.dtype)
@@ -451,7 +467,13 @@ def protect(
                 "transformed layers: implausibly large for a fine-tune. Is --base really this model's "
                 "pretrained checkpoint?"
             )
-        produce = _transformed(model, bound, transforms, inverse=False)
+        produce = _transformed(model, bound, transforms, prune=(options.prune_rate, options.seed))
+        if options.prune_rate > 0:
+            notes.append(
+                f"pruning zeroed about {options.prune_rate:.0%} of every transformed tensor: the protected "
+                "model no longer computes exactly the same function (verify will say so); measure "
+                "its accuracy"
+            )
         meta = {
             "family": bound.family.name,
             "model_type": model.model_type,

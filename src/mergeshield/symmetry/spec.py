@@ -287,8 +287,8 @@ def bind(
         )
     by_tensor: dict[str, list[SpaceInstance]] = {}
     for inst in instances:
-        for bt in inst.tensors:
-            by_tensor.setdefault(bt.name, []).append(inst)
+        for name in dict.fromkeys(bt.name for bt in inst.tensors):  # fused tensors: once per instance
+            by_tensor.setdefault(name, []).append(inst)
     return BoundModel(family, tuple(instances), invariant, {k: tuple(v) for k, v in by_tensor.items()})
 
 

@@ -1,0 +1,176 @@
+"""Adaptive attacks: undo function-preserving protection by realigning to the public base model.
+
+The free-rider has the protected model and the pretrained base, never the key. Fine-tuned
+weights stay close to the base, so each symmetry can be estimated by matching against it:
+
+- ``permutation``: per MLP layer, the permutation that brings the protected units *closest* to
+  the base units (the PaRaMS assignment in the other direction; Ainsworth et al.'s weight
+  matching, "Git Re-Basin", ICLR 2023, arXiv 2209.04836).
+- ``scale``: per attention dimension, least squares against the base: for rows multiplied by
+  ``s``, ``s ~ <p, b> / <b, b>``; for rows divided by ``s``, ``1/s ~ <p, b> / <b, b>``, over the
+  entries that are not exactly zero (so pruning does not bias the estimate). The two
+  estimates are combined in log space, respecting RoPE pairs and GQA groups (rows that share a
+  factor are pooled).
+- ``fill``: entries that are exactly zero in the protected model but not in the base (pruning
+  defenses) are filled from the base once aligned.
+
+Every estimate is applied as a function-preserving transform itself, so the attacked model
+computes the same function as the protected one (up to the filled entries) while lying next to
+the base again, where merging works. See ``../shared/PAPER.md``, "Known threats".
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mergeshield.core.assignment import closest_permutation, unit_features
+from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
+from mergeshield.io.checkpoint import Checkpoint, check_output_path
+from mergeshield.symmetry.spec import PermutationSpace, ScaleSpace, SpaceInstance
+
+__all__ = ["ATTACKS", "AttackReport", "attack", "estimate_permutation", "estimate_scales"]
+
+ATTACKS: dict[str, tuple[str, ...]] = {
+    "permutation": ("permutation",),
+    "scale": ("scale",),
+    "realign": ("scale", "permutation"),
+    "realign+fill": ("scale", "permutation", "fill"),
+}
+"""Registered attacks: name -> the steps it runs, in order. Scales first: they are estimated on
+attention tensors that permutations do not touch in PaRaMS, and an unscaled model makes the
+permutation matching cleaner where both act on one tensor."""
+
+
+@dataclass
+class AttackReport:
+    out: Path
+    attack: str
+    transforms: list[Transform] = field(default_factory=list)
+    filled: int = 0
+    """Entries filled from the base (``fill`` step)."""
+
+
+def estimate_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
+    """Weight matching: the gather index bringing protected units closest to the base's."""
+    f_prot = unit_features([(prot[bt.name], bt.binding) for bt in inst.tensors])
+    f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors])
+    return Transform(inst.id, perm=closest_permutation(f_pre, f_prot))
+
+
+def estimate_scales(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
+    """Least-squares scale recovery; returns the transform that *undoes* the estimated scales."""
+    log_sum = np.zeros(inst.size)
+    weight = np.zeros(inst.size)
+    for bt in inst.tensors:
+        p = axis_view(prot[bt.name], bt.binding).movedim(bt.binding.axis, 0)
+        b = axis_view(pre[bt.name], bt.binding).movedim(bt.binding.axis, 0)
+        p, b = p.reshape(p.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()  # (rows, rest)
+        b = b * (p != 0)  # entries pruned to zero carry no information about the scale
+        owner = expand_factors(inst, np.arange(inst.size, dtype=np.float64), bt.binding.layout).astype(np.int64)
+        num = np.zeros(inst.size)
+        den = np.zeros(inst.size)
+        np.add.at(num, owner, (p * b).sum(1).numpy())
+        np.add.at(den, owner, (b * b).sum(1).numpy())
+        ok = (den > 0) & (num > 0)
+        est = np.where(ok, num / np.where(ok, den, 1), 1.0)  # s for primal rows, 1/s for inverse rows
+        w = np.where(ok, den, 0.0)  # rows with more energy in the base count more
+        log_sum += w * (-np.log(est) if bt.binding.inverse else np.log(est))
+        weight += w
+    s = np.exp(np.where(weight > 0, log_sum / np.where(weight > 0, weight, 1), 0.0))
+    return Transform(inst.id, factors=1.0 / s)
+
+
+def attack(
+    protected_dir: str | os.PathLike[str],
+    base_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    name: str = "realign",
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AttackReport:
+    """Run an attack on a protected checkpoint, reading only it and the base, and save the result.
+
+    Args:
+        protected_dir: the protected model (as published).
+        base_dir: the public pretrained checkpoint.
+        out_dir: where the attacked (realigned) model is written.
+        name: one of `ATTACKS`.
+
+    Returns:
+        The estimated transforms (as applied to the protected model) and the fill count.
+    """
+    from mergeshield.protect import _check_base, _transformed, bind_checkpoint, rewrite_checkpoint
+
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
+    steps = ATTACKS[name]
+    out = Path(out_dir)
+    check_output_path(out, [Path(protected_dir), Path(base_dir)], overwrite)
+    report = AttackReport(out, name)
+    with Checkpoint(protected_dir) as prot_ckpt, Checkpoint(base_dir) as base:
+        bound = bind_checkpoint(prot_ckpt)
+        names = _check_base(prot_ckpt, base, bound)
+        for inst in tqdm(bound.instances, desc=f"attack ({name})", unit="layer", disable=not progress):
+            is_perm = isinstance(inst.space, PermutationSpace)
+            if ("permutation" if is_perm else "scale") not in steps:
+                continue
+            prot = {bt.name: prot_ckpt.get(bt.name).double() for bt in inst.tensors}
+            pre = {bt.name: base.get(names[bt.name]).double() for bt in inst.tensors}
+            if is_perm:
+                report.transforms.append(estimate_permutation(inst, prot, pre))
+            else:
+                assert isinstance(inst.space, ScaleSpace)
+                report.transforms.append(estimate_scales(inst, prot, pre))
+        realigned = _transformed(prot_ckpt, bound, report.transforms)
+        produce: Callable[[str], torch.Tensor] = realigned
+        if "fill" in steps:
+            def produce(name_: str) -> torch.Tensor:
+                t = realigned(name_)
+                if name_ in names and t.is_floating_point():
+                    b = base.get(names[name_]).to(t.dtype)
+                    holes = (t == 0) & (b != 0)
+                    report.filled += int(holes.sum())
+                    t = torch.where(holes, b, t)
+                return t
+
+        rewrite_checkpoint(prot_ckpt, out, produce, overwrite=overwrite, progress=progress, desc="writing")
+    return report
+
+
+def recovery(key_path: str | os.PathLike[str], report: AttackReport) -> dict[str, float]:
+    """Measure an attack against the true key (evaluation only: the attack never reads it).
+
+    Returns:
+        ``perm_units_restored``: fraction of MLP units put back in their original place;
+        ``scale_rel_err_median`` / ``scale_rel_err_max``: relative error of recovered factors.
+    """
+    from mergeshield.protect import _read_key
+
+    truth = {t.instance_id: t for t in _read_key(Path(key_path))[0]}
+    restored, total, errs = 0, 0, []
+    for est in report.transforms:
+        true = truth.get(est.instance_id)
+        if true is None:
+            continue
+        if est.perm is not None and true.perm is not None:
+            # protected[i] = ft[true[i]]; attacked[i] = protected[est[i]] = ft[true[est[i]]]
+            restored += int((true.perm[est.perm] == np.arange(len(est.perm))).sum())
+            total += len(est.perm)
+        elif est.factors is not None and true.factors is not None:
+            errs.append(np.abs(true.factors * est.factors - 1.0))  # est holds 1/s_hat
+    out: dict[str, float] = {}
+    if total:
+        out["perm_units_restored"] = restored / total
+    if errs:
+        e = np.concatenate(errs)
+        out["scale_rel_err_median"] = float(np.median(e))
+        out["scale_rel_err_max"] = float(e.max())
+    return out

@@ -1,0 +1,141 @@
+"""Adaptive attacks: realignment fully undoes PaRaMS without pruning; what pruning changes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import TINY
+
+from mergeshield import ProtectOptions, make_method, merge_checkpoints, protect, verify
+from mergeshield.attack import ATTACKS, attack, recovery
+from mergeshield.io.checkpoint import Checkpoint
+
+FAMILIES = sorted(TINY)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(folder)
+    return {n: ckpt.get(n).double() for n in ckpt.names if ckpt.get(n).is_floating_point()}
+
+
+def _dist(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return sum(float((a[n] - b[n]).norm() ** 2) for n in a) ** 0.5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_realignment_fully_recovers_unpruned_protection(tiny_pair, tmp_path, family):
+    base, ft, _ = tiny_pair(family)
+    protect(ft, base, tmp_path / "p", ProtectOptions(seed=5), key_out=tmp_path / "key", progress=False)
+    report = attack(tmp_path / "p", base, tmp_path / "a", "realign", progress=False)
+    rec = recovery(tmp_path / "key", report)
+    assert rec["perm_units_restored"] == 1.0
+    assert rec["scale_rel_err_median"] < 0.02 and rec["scale_rel_err_max"] < 0.2, rec
+    # the attacked model is still the same function, and back next to the fine-tune
+    assert verify(ft, tmp_path / "a", rtol=1e-4).equivalent
+    w_ft, w_p, w_a = _weights(ft), _weights(tmp_path / "p"), _weights(tmp_path / "a")
+    assert _dist(w_a, w_ft) < 0.05 * _dist(w_p, w_ft)
+
+
+def test_attacked_merge_returns_to_the_unprotected_merge(tiny_pair, tmp_path):
+    base, ft, ft2 = tiny_pair("llama")
+    protect(ft, base, tmp_path / "p", progress=False)
+    attack(tmp_path / "p", base, tmp_path / "a", "realign", progress=False)
+    m = make_method("task_arithmetic", lam=0.8)
+    for name, victim in (("plain", ft), ("prot", tmp_path / "p"), ("att", tmp_path / "a")):
+        merge_checkpoints(base, [victim, ft2], tmp_path / f"m_{name}", m, progress=False)
+    plain, prot, att = (_weights(tmp_path / f"m_{n}") for n in ("plain", "prot", "att"))
+    assert _dist(att, plain) < 0.05 * _dist(prot, plain)
+
+
+def test_each_attack_step_alone_recovers_only_its_part(tiny_pair, tmp_path):
+    base, ft, _ = tiny_pair("qwen2")
+    protect(ft, base, tmp_path / "p", key_out=tmp_path / "key", progress=False)
+    rp = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "ap", "permutation", progress=False))
+    rs = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "as", "scale", progress=False))
+    assert set(rp) == {"perm_units_restored"} and set(rs) == {"scale_rel_err_median", "scale_rel_err_max"}
+
+
+def test_pruning_leaves_holes_that_fill_recovers_partly(tiny_pair, tmp_path):
+    base, ft, _ = tiny_pair("llama")
+    protect(ft, base, tmp_path / "p", ProtectOptions(prune_rate=0.3), key_out=tmp_path / "key", progress=False)
+    assert not verify(ft, tmp_path / "p").equivalent  # pruning changes the function, honestly
+    plain = attack(tmp_path / "p", base, tmp_path / "a", "realign", progress=False)
+    filled = attack(tmp_path / "p", base, tmp_path / "af", "realign+fill", progress=False)
+    assert recovery(tmp_path / "key", plain)["perm_units_restored"] > 0.9  # pruning does not stop matching
+    assert filled.filled > 0
+    w_ft, w_b = _weights(ft), _weights(base)
+    from mergeshield.io.naming import match_names
+
+    names = match_names(list(w_ft), list(w_b))
+    w_b = {n: w_b[names[n]] for n in w_ft if n in names}
+    w_ft = {n: w_ft[n] for n in w_b}
+    tau = _dist(w_ft, w_b)
+    d_plain = _dist({n: _weights(tmp_path / "a")[n] for n in w_ft}, w_ft)
+    d_fill = _dist({n: _weights(tmp_path / "af")[n] for n in w_ft}, w_ft)
+    # filling from the base puts the attacked model far closer to the fine-tune than zeros do,
+    # but the pruned part of the task vector is gone for good
+    assert d_fill < 0.5 * d_plain
+    assert 0.2 * tau < d_fill < 0.9 * tau
+
+
+def test_attack_never_reads_the_key(tiny_pair, tmp_path):
+    base, ft, _ = tiny_pair("gpt2")
+    protect(ft, base, tmp_path / "p", key_out=tmp_path / "key", progress=False)
+    opened: list[str] = []
+    folders: list[Path] = []
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open" and isinstance(args[0], str | bytes | Path):
+            opened.append(str(args[0]))
+
+    import mergeshield.io.checkpoint as io
+
+    real_init = io.Checkpoint.__init__
+
+    def spy(self, folder):  # type: ignore[no-untyped-def]
+        folders.append(Path(folder).resolve())
+        real_init(self, folder)
+
+    io.Checkpoint.__init__ = spy  # type: ignore[method-assign]
+    sys.addaudithook(hook)
+    try:
+        attack(tmp_path / "p", base, tmp_path / "a", "realign+fill", progress=False)
+    finally:
+        io.Checkpoint.__init__ = real_init  # type: ignore[method-assign]
+    assert set(folders) == {(tmp_path / "p").resolve(), Path(base).resolve()}
+    assert not [p for p in opened if "key" in Path(p).name]
+
+
+def test_registry_lists_the_attacks():
+    assert {"permutation", "scale", "realign", "realign+fill"} <= set(ATTACKS)
+    with pytest.raises(ValueError, match="unknown attack"):
+        attack("x", "y", "z", "nope")
+
+
+def test_key_describes_exactly_what_was_applied(tiny_pair, tmp_path):
+    """Each factor is applied once (a fused tensor bound twice must not be scaled twice)."""
+    from mergeshield.core.transforms import axis_view, expand_factors
+    from mergeshield.protect import _read_key, bind_checkpoint
+
+    for family in ("gpt2", "llama", "clip"):
+        base, ft, _ = tiny_pair(family)
+        out = tmp_path / family
+        protect(ft, base, out, key_out=tmp_path / f"{family}.key", progress=False)
+        key = {t.instance_id: t for t in _read_key(tmp_path / f"{family}.key")[0]}
+        p_ck, f_ck = Checkpoint(out), Checkpoint(ft)
+        for inst in bind_checkpoint(p_ck).instances:
+            t = key[inst.id]
+            for bt in inst.tensors:
+                p = axis_view(p_ck.get(bt.name).double(), bt.binding).movedim(bt.binding.axis, 0)
+                f = axis_view(f_ck.get(bt.name).double(), bt.binding).movedim(bt.binding.axis, 0)
+                if t.perm is not None:
+                    torch.testing.assert_close(p, f[torch.from_numpy(t.perm)], msg=bt.name)
+                else:
+                    s = expand_factors(inst, t.factors, bt.binding.layout)
+                    s = 1 / s if bt.binding.inverse else s
+                    shape = (-1,) + (1,) * (f.dim() - 1)
+                    torch.testing.assert_close(p, f * torch.from_numpy(s).reshape(shape), rtol=1e-5, atol=1e-6)
