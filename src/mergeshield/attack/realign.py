@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeshield.core.assignment import closest_permutation, unit_features
-from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
+from mergeshield.core.transforms import Transform, axis_view, expand_factors
 from mergeshield.io.checkpoint import Checkpoint, check_output_path
 from mergeshield.symmetry.spec import PermutationSpace, ScaleSpace, SpaceInstance
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mergeshield.demo._data import TextTask, load_task
+from mergeshield.demo._finetune import accuracy, cached_finetune, default_cache_root, predict
 from rich.console import Console
 from rich.table import Table
 
-from mergeshield.demo._data import TextTask, load_task
-from mergeshield.demo._finetune import accuracy, cached_finetune, default_cache_root, predict
 from mergeshield.errors import MergeShieldError
 from mergeshield.merge.engine import merge_checkpoints
 from mergeshield.merge.methods import MergeMethod, make_method
@@ -113,94 +113,135 @@ def run_demo(out_dir: Path, *, cache: Path | None = None, seed: int = 0, console
         ft_dirs[name] = cached_finetune(base, task, cache / "demo", steps=steps, seed=seed)
 
     victim, partner = "bbc_topic", "rt_sentiment"
-    protected_dir = out_dir / "protected_bbc_topic"
-    report = protect(ft_dirs[victim], base, protected_dir, ProtectOptions(seed=seed), overwrite=True)
-    console.print(f"protected {victim}: {len(report.instances)} layer transforms, median distance to "
-                  f"base {np.median([r.ratio for r in report.instances]):.1f}x the task vector")
+    variants = _victims(ft_dirs[victim], base, out_dir, seed, console)
 
     records: list[DemoRecord] = []
     labels = {n: np.asarray(t.test_labels) for n, t in tasks.items()}
 
-    def record(task: str, method: str | None, lam: float | None, n_models: int, prot: bool, preds: np.ndarray) -> None:
+    def record(task: str, method: str | None, lam: float | None, n_models: int, variant: Variant, preds: np.ndarray) -> None:
         records.append(DemoRecord(
-            "demo-minilm", task, method, lam, n_models, prot, method is not None, "mergeshield",
-            accuracy(preds, labels[task]), tasks[task].chance, len(labels[task]),
-            "params" if prot else None, None,
+            "demo-minilm", task, method, lam, n_models, variant.defense is not None, method is not None,
+            "mergeshield", accuracy(preds, labels[task]), tasks[task].chance, len(labels[task]),
+            variant.defense, variant.attack,
         ))
 
-    preds_plain = {n: _evaluate(ft_dirs[n], None, tasks[n]) for n in tasks}
-    preds_prot = _evaluate(protected_dir, None, tasks[victim])
     for n in tasks:
-        record(n, None, None, 1, False, preds_plain[n])
-    record(victim, None, None, 1, True, preds_prot)
-    identical = bool(np.array_equal(preds_plain[victim], preds_prot))
+        record(n, None, None, 1, variants[0], _evaluate(ft_dirs[n], None, tasks[n]))
+    plain_preds = _evaluate(ft_dirs[victim], None, tasks[victim])
+    identical = {}
+    for v in variants[1:]:
+        preds = _evaluate(v.folder, None, tasks[victim])
+        identical[v.label] = bool(np.array_equal(plain_preds, preds))
+        record(victim, None, None, 1, v, preds)
 
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         for label, method in MERGES:
-            for prot in (False, True):
-                victim_dir = protected_dir if prot else ft_dirs[victim]
-                merged = Path(tmp) / f"{method.name}-{method.lam}-{prot}"
-                merge_checkpoints(base, [victim_dir, ft_dirs[partner]], merged, method, seed=seed, extra="first")
+            for k, v in enumerate(variants):
+                merged = Path(tmp) / f"merged-{k}"
+                merge_checkpoints(base, [v.folder, ft_dirs[partner]], merged, method, seed=seed, extra="first",
+                                  progress=False)
                 for n in tasks:
-                    record(n, label, method.lam, 2, prot, _evaluate(ft_dirs[n], merged, tasks[n]))
+                    record(n, label, method.lam, 2, v, _evaluate(ft_dirs[n], merged, tasks[n]))
                 shutil.rmtree(merged)
+            console.print(f"merged with {label}")
 
     (out_dir / "results.json").write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
-    md = _report(records, identical, time.perf_counter() - t0)
+    md = _report(records, variants, identical, time.perf_counter() - t0)
     (out_dir / "report.md").write_text(md)
-    console.print(_table(records))
-    console.print(f"UMP+ predictions identical to UMP-: {identical}")
+    console.print(_table(records, variants))
+    for label, same in identical.items():
+        console.print(f"standalone predictions of '{label}' identical to the unprotected model's: {same}")
     console.print(f"wrote {out_dir / 'results.json'} and {out_dir / 'report.md'} "
                   f"({time.perf_counter() - t0:.0f} s)")
     return records
 
 
-def _acc(records: list[DemoRecord], task: str, method: str | None, prot: bool) -> float:
-    return next(r.accuracy for r in records if r.task == task and r.merge_method == method and r.protected == prot)
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    folder: Path
+    defense: str | None
+    attack: str | None
 
 
-def _rows(records: list[DemoRecord]) -> list[tuple[str, ...]]:
+PRUNE_RATE = 0.2  # the PaRaMS authors' code's "sparsity ratio"
+
+
+def _victims(ft: Path, base: Path, out_dir: Path, seed: int, console: Console) -> list[Variant]:
+    """The publisher's model as released under each defense, and as a realigning attacker leaves it."""
+    from mergeshield.attack import attack
+
+    variants = [Variant("unprotected", ft, None, None)]
+    for defense, options in (("params", ProtectOptions(seed=seed)),
+                             (f"params+prune{PRUNE_RATE}", ProtectOptions(seed=seed, prune_rate=PRUNE_RATE))):
+        folder = out_dir / f"bbc_topic-{defense}"
+        report = protect(ft, base, folder, options, overwrite=True, progress=False)
+        console.print(f"protected bbc_topic ({defense}): {len(report.instances)} layer transforms, median "
+                      f"distance to base {np.median([r.ratio for r in report.instances]):.1f}x the task vector")
+        variants.append(Variant(defense, folder, defense, None))
+        attacked = out_dir / f"bbc_topic-{defense}-attacked"
+        attack(folder, base, attacked, "realign+fill", overwrite=True, progress=False)
+        variants.append(Variant(f"{defense}, attacked", attacked, defense, "realign+fill"))
+    return variants
+
+
+def _acc(records: list[DemoRecord], task: str, method: str | None, v: Variant) -> str:
+    hit = [r.accuracy for r in records
+           if r.task == task and r.merge_method == method and r.defense == v.defense and r.attack == v.attack]
+    return f"{hit[0]:.3f}" if hit else "-"
+
+
+def _rows(records: list[DemoRecord], variants: list[Variant]) -> list[tuple[str, ...]]:
     rows = []
+    tasks = sorted({r.task for r in records})
+    for t in tasks:
+        chance = next(r.chance for r in records if r.task == t)
+        rows.append((t, f"{chance:.3f}", "alone (UMP)", *(_acc(records, t, None, v) for v in variants)))
     for label, _ in MERGES:
-        for t in sorted({r.task for r in records}):
+        for t in tasks:
             chance = next(r.chance for r in records if r.task == t)
-            ump_plus = next((f"{r.accuracy:.3f}" for r in records if r.task == t and not r.merged and r.protected),
-                            "(not protected)")
-            rows.append((t, f"{chance:.3f}", f"{_acc(records, t, None, False):.3f}", ump_plus, label,
-                         f"{_acc(records, t, label, False):.3f}", f"{_acc(records, t, label, True):.3f}"))
+            rows.append((t, f"{chance:.3f}", f"merged, {label}", *(_acc(records, t, label, v) for v in variants)))
     return rows
 
 
-COLUMNS = ("task", "chance", "UMP-", "UMP+", "merge", "MMP-", "MMP+")
+def _columns(variants: list[Variant]) -> tuple[str, ...]:
+    return ("task", "chance", "setting", *(v.label for v in variants))
 
 
-def _table(records: list[DemoRecord]) -> Table:
-    table = Table(title="all-MiniLM-L6-v2: BBC topic model protected, merged with RT sentiment")
-    for col in COLUMNS:
+def _table(records: list[DemoRecord], variants: list[Variant]) -> Table:
+    table = Table(title="all-MiniLM-L6-v2: the BBC topic model as released, merged with an RT sentiment model")
+    for col in _columns(variants):
         table.add_column(col)
-    for row in _rows(records):
+    for row in _rows(records, variants):
         table.add_row(*row)
     return table
 
 
-def _report(records: list[DemoRecord], identical: bool, seconds: float) -> str:
+def _report(records: list[DemoRecord], variants: list[Variant], identical: dict[str, bool], seconds: float) -> str:
+    cols = _columns(variants)
     lines = [
         "# mergeshield demo: all-MiniLM-L6-v2, BBC topic (protected) merged with Rotten Tomatoes sentiment",
         "",
         "Generated by `mergeshield demo`; every number below comes from a model that was run.",
-        "Encoders are merged; each task keeps its own classification head. UMP = the model alone,",
-        "MMP = the merged model; - = unprotected BBC model merged, + = protected BBC model merged.",
+        "Columns are the BBC topic model as released: unprotected, protected with PaRaMS",
+        "(`params`: MLP permutation + Q/K, V/O scaling), protected with PaRaMS plus dropout",
+        f"pruning of {PRUNE_RATE:.0%} of the transformed weights, and each protected release after a",
+        "free-rider realigned it to the public base (`attacked`: weight matching + least-squares",
+        "scales + filling pruned entries from the base; the attacker never sees the key).",
+        "Rows: each model alone (UMP; for rt_sentiment only its own unprotected model exists), and",
+        "the encoder merged with the sentiment model's (MMP), each task with its own head.",
+        "In the paper's terms: UMP- = `alone` x `unprotected`, UMP+ = `alone` x `params`,",
+        "MMP- = `merged` x `unprotected`, MMP+ = `merged` x `params`.",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(cols) + " |",
+        "|" + "---|" * len(cols),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in _rows(records)]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(records, variants)]
+    lines += [""]
+    for label, same in identical.items():
+        lines.append(f"- standalone predictions of `{label}` identical to the unprotected model on every "
+                     f"test example: {same}")
     lines += [
-        "",
-        f"UMP+ predictions identical to UMP- on every test example: {identical}.",
-        f"Wall time {seconds:.0f} s on {platform.machine()} ({torch.get_num_threads()} torch threads).",
-        "",
-        "Not measured here: an attacker who realigns the protected model to the base before merging",
-        "(see ../shared/PAPER.md, 'Known threats'); such realignment is known to undo these transforms.",
+        f"- wall time {seconds:.0f} s on {platform.machine()} ({torch.get_num_threads()} torch threads)",
     ]
     return "\n".join(lines) + "\n"
