@@ -176,6 +176,22 @@ def attack(
               f"filled {report.filled} pruned entries from the base; wrote {report.out}")
 
 
+@app.command("eval")
+@_handled
+def eval_(
+    config: Annotated[Path, typer.Argument(help="Suite config (YAML), e.g. configs/text-minilm.yaml.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write results.json, report.md, plots.")],
+    cache: Annotated[Path | None, typer.Option(help="Cache for fine-tuned models (default ~/.cache/mergeshield).")] = None,
+) -> None:
+    """Run an evaluation suite: every merge method, protected and not, attacked and not."""
+    from mergeshield.demo._finetune import default_cache_root
+    from mergeshield.eval.config import load_config
+    from mergeshield.eval.runner import run_eval
+
+    cfg = load_config(config)
+    run_eval(cfg, out_dir, cache=cache or default_cache_root(), log=lambda m: out.print(m))
+
+
 @app.command()
 def families() -> None:
     """List the supported architecture families and model types."""

@@ -1,0 +1,1 @@
+"""Evaluation suites: real models, real data, every merge method, attacks, reports."""

@@ -1,0 +1,237 @@
+"""Run an evaluation suite: every release variant of the victim x every merge -> records.
+
+Release variants: the victim unprotected, then each defense, then each defense after each
+attack. Every measurement is a model that was run; nothing is typed in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from mergeshield.attack import attack, recovery
+from mergeshield.errors import MergeShieldError
+from mergeshield.eval.config import EvalConfig, MergeSpec
+from mergeshield.eval.text import TextSuite
+from mergeshield.io.checkpoint import Checkpoint
+from mergeshield.merge.adamerging import adamerging
+from mergeshield.merge.engine import merge_checkpoints
+from mergeshield.merge.methods import make_method
+from mergeshield.protect import ProtectOptions, protect
+
+__all__ = ["Record", "Variant", "run_eval"]
+
+
+@dataclass(frozen=True)
+class Record:
+    suite: str
+    task: str
+    merge_method: str | None
+    lam: float | None
+    n_models: int
+    protected: bool
+    merged: bool
+    engine: str
+    accuracy: float
+    chance: float
+    n_test: int
+    defense: str | None
+    attack: str | None
+    partners: list[str] | None = None
+    note: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        d = asdict(self)
+        d["lambda"] = d.pop("lam")
+        return d
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    folder: Path
+    defense: str | None
+    attack: str | None
+
+
+def _mergekit(base: Path, models: list[Path], out: Path, spec: MergeSpec, lam: float | None, seed: int) -> None:
+    """Run mergekit's CLI on saved checkpoints (the tool free-riders actually use)."""
+    params: dict[str, object] = {"weight": 1.0}
+    if spec.density is not None:
+        params["density"] = spec.density
+    method = {"average": "linear", "dare_ta": "dare_linear"}.get(spec.method, spec.method)
+    if spec.method in ("dare_ta", "dare_ties") and spec.drop is not None:
+        params["density"] = 1.0 - spec.drop
+    if method == "della":
+        params.setdefault("epsilon", 0.05)
+    if method == "breadcrumbs":
+        params.setdefault("gamma", 0.01)
+    cfg: dict[str, object] = {
+        "merge_method": method,
+        "models": [{"model": str(m), "parameters": dict(params)} for m in models],
+        "dtype": "float32",
+        "out_dtype": "float32",
+    }
+    if method == "model_stock":
+        cfg["models"] = [{"model": str(m)} for m in models]
+    if lam is not None and method not in ("linear", "model_stock"):
+        cfg["parameters"] = {"lambda": lam}
+    if method != "linear":
+        cfg["base_model"] = str(base)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg_path = out.parent / f"{out.name}.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
+    env = {**os.environ, "PYTHONHASHSEED": str(seed)}
+    res = subprocess.run([exe, str(cfg_path), str(out), "--allow-crimes", "--random-seed", str(seed)],
+                         capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise MergeShieldError(f"mergekit failed on {method}: {res.stderr[-2000:]}")
+
+
+def _state(folder: Path) -> dict[str, torch.Tensor]:
+    ckpt = Checkpoint(folder)
+    return {n: ckpt.get(n) for n in ckpt.names}
+
+
+def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[str], None] = print) -> list[Record]:
+    """Run a suite; write ``results.json`` (and return the records)."""
+    from mergeshield.eval.report import write_report
+
+    t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    suite = TextSuite(config, cache, log)
+    base = suite.base
+    victim = config.victim
+    partners = [t.name for t in config.tasks if t.name != victim]
+    records: list[Record] = []
+    extras: dict[str, object] = {"recovery": {}, "distances": {}}
+    work = Path(tempfile.mkdtemp(prefix="mergeshield-eval-", dir=out_dir))
+    try:
+        # ---- release variants ------------------------------------------------------------------
+        variants = [Variant("unprotected", suite.folders[victim], None, None)]
+        for d in config.defenses:
+            folder = work / f"victim-{d.name}"
+            rep = protect(suite.folders[victim], base, folder, d.options, key_out=work / f"{d.name}.key", progress=False)
+            extras["distances"][d.name] = [(r.id, r.kind, r.ratio) for r in rep.instances]  # type: ignore[index]
+            variants.append(Variant(d.name, folder, d.name, None))
+            for a in d.attacks:
+                att_folder = work / f"victim-{d.name}-{a}"
+                arep = attack(folder, base, att_folder, a, progress=False)
+                extras["recovery"][f"{d.name}/{a}"] = recovery(work / f"{d.name}.key", arep)  # type: ignore[index]
+                variants.append(Variant(f"{d.name}, {a}", att_folder, d.name, a))
+        log(f"release variants: {[v.label for v in variants]}")
+
+        def rec(task: str, method: str | None, lam: float | None, n: int, v: Variant, acc: float,
+                engine: str = "mergeshield", with_: list[str] | None = None, note: str | None = None) -> None:
+            records.append(Record(config.suite, task, method, lam, n, v.defense is not None, method is not None,
+                                  engine, acc, suite.chance(task), suite.n_test(task), v.defense, v.attack,
+                                  with_, note))
+
+        # ---- standalone (UMP) -----------------------------------------------------------------
+        for t in partners:
+            rec(t, None, None, 1, variants[0], suite.accuracy(t))
+        for v in variants:
+            rec(victim, None, None, 1, v, suite.accuracy(victim, None if v.defense is None else v.folder))
+
+        # ---- merges (MMP) ---------------------------------------------------------------------
+        for spec in config.merges:
+            for n in spec.n_models:
+                mates = partners[: n - 1]
+                if len(mates) < n - 1:
+                    raise MergeShieldError(f"n_models={n} needs {n - 1} partner tasks, config has {len(partners)}")
+                for lam in spec.lambdas():
+                    for v in variants:
+                        if spec.engine == "mergekit" and v.attack is not None:
+                            continue  # mergekit rows compare the released models only
+                        models = [v.folder, *(suite.folders[m] for m in mates)]
+                        accs = _merge_and_score(suite, spec, lam, base, models, [victim, *mates], work, config.seed, log)
+                        for task, acc in accs.items():
+                            rec(task, spec.method, lam, n, v, acc, spec.engine, [victim, *mates])
+                log(f"{spec.engine} {spec.method} n={spec.n_models} lam={spec.lam}: done "
+                    f"({time.perf_counter() - t0:.0f} s)")
+
+        # ---- the straight line from the base to the victim ------------------------------------
+        if config.line_points:
+            for v in variants[:2]:
+                for i in range(config.line_points):
+                    alpha = i / (config.line_points - 1)
+                    folder = work / "line"
+                    merge_checkpoints(base, [v.folder], folder, make_method("task_arithmetic", lam=alpha),
+                                      extra="first", overwrite=True, progress=False)
+                    rec(victim, "line", alpha, 1, v, suite.accuracy(victim, folder), note="interpolation")
+            log("line from base to victim: done")
+
+        # ---- pruning-rate trade-off -----------------------------------------------------------
+        for rate in config.prune_curve:
+            d_name = f"params+prune{rate:g}"
+            folder = work / "prune"
+            protect(suite.folders[victim], base, folder, ProtectOptions(seed=config.seed, prune_rate=rate),
+                    overwrite=True, progress=False)
+            att = work / "prune-att"
+            attack(folder, base, att, "realign+fill", overwrite=True, progress=False)
+            for v in (Variant(d_name, folder, d_name, None), Variant(f"{d_name}, realign+fill", att, d_name, "realign+fill")):
+                rec(victim, None, None, 1, v, suite.accuracy(victim, v.folder), note="prune-curve")
+                spec = MergeSpec(method="task_arithmetic", lam=0.8)
+                accs = _merge_and_score(suite, spec, 0.8, base, [v.folder, suite.folders[partners[0]]],
+                                        [victim, partners[0]], work, config.seed, log)
+                for task, acc in accs.items():
+                    rec(task, "task_arithmetic", 0.8, 2, v, acc, with_=[victim, partners[0]], note="prune-curve")
+            log(f"prune rate {rate}: done")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    seconds = time.perf_counter() - t0
+    (out_dir / "results.json").write_text(json.dumps([r.as_json() for r in records], indent=1) + "\n")
+    extras["wall_seconds"] = seconds
+    (out_dir / "extras.json").write_text(json.dumps(extras, indent=1) + "\n")
+    write_report(config, records, extras, out_dir)
+    log(f"wrote {out_dir}/results.json, report.md and plots ({seconds:.0f} s)")
+    return records
+
+
+def _merge_and_score(
+    suite: TextSuite, spec: MergeSpec, lam: float | None, base: Path, models: list[Path], tasks: list[str],
+    work: Path, seed: int, log: Callable[[str], None],
+) -> dict[str, float]:
+    folder = work / "merged"
+    if folder.exists():
+        shutil.rmtree(folder)
+    if spec.method == "adamerging":
+        return _adamerge_and_score(suite, spec, base, models, tasks)
+    if spec.engine == "mergekit":
+        _mergekit(base, models, folder, spec, lam, seed)
+        got = set(Checkpoint(folder).names)
+        want = set(Checkpoint(base).names)
+        if not want <= got:
+            raise MergeShieldError(f"mergekit dropped tensors: {sorted(want - got)[:5]}")
+    else:
+        method = make_method(spec.method, lam=lam, density=spec.density, drop=spec.drop)
+        merge_checkpoints(base, models, folder, method, seed=seed, extra="first", progress=False)
+    return {t: suite.accuracy(t, folder) for t in tasks}
+
+
+def _adamerge_and_score(suite: TextSuite, spec: MergeSpec, base: Path, models: list[Path], tasks: list[str]) -> dict[str, float]:
+    from mergeshield.io.naming import match_names
+
+    b = {n: t.float() for n, t in _state(base).items() if t.is_floating_point()}
+    taus = []
+    for m in models:
+        s = _state(m)
+        names = match_names(list(s), list(b))
+        inv = {bn: mn for mn, bn in names.items()}
+        taus.append({n: s[inv[n]].float() - b[n] for n in b})
+    losses = [suite.entropy_loss(t, suite.model_names(t, list(b))) for t in tasks]
+    merged, _ = adamerging(b, taus, losses, steps=spec.steps, init=0.3)
+    return {t: suite.accuracy(t, merged) for t in tasks}
