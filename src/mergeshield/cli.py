@@ -212,7 +212,7 @@ def demo(
     """Fine-tune all-MiniLM-L6-v2 on BBC topic and Rotten Tomatoes sentiment, protect one, merge, report."""
     from mergeshield.demo import run_demo
 
-    run_demo(out_dir, cache=cache, seed=seed)
+    run_demo(out_dir, cache=cache, seed=seed, console=Console(width=160, highlight=False))
 
 
 def main() -> None:

@@ -68,6 +68,8 @@ class EvalConfig(_Frozen):
     prune_curve: list[float] = []
     """Pruning rates for the trade-off curve (measured with TA at lambda 0.8, attacked)."""
     max_length: int = 64
+    base_model: Path | None = None
+    """A BERT-style checkpoint folder with a tokenizer; default: the packaged all-MiniLM-L6-v2."""
 
 
 def load_config(path: str | Path) -> EvalConfig:

@@ -39,7 +39,7 @@ class TextSuite:
 
     def __init__(self, config: EvalConfig, cache: Path, log: Callable[[str], None] = print) -> None:
         self.config = config
-        self.base = minilm_path()
+        self.base = Path(config.base_model) if config.base_model else minilm_path()
         self.tasks: dict[str, TextTask] = {}
         self.folders: dict[str, Path] = {}
         self._batches: dict[str, list[dict[str, torch.Tensor]]] = {}

