@@ -92,12 +92,28 @@ def _mergekit(base: Path, models: list[Path], out: Path, spec: MergeSpec, lam: f
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg_path = out.parent / f"{out.name}.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    exe = shutil.which("mergekit-yaml") or str(Path(sys.executable).parent / "mergekit-yaml")
     env = {**os.environ, "PYTHONHASHSEED": str(seed)}
-    res = subprocess.run([exe, str(cfg_path), str(out), "--allow-crimes", "--random-seed", str(seed)],
-                         capture_output=True, text=True, env=env)
+    # mergekit 0.1.5 crashes on every BERT checkpoint; the shim fixes that one token (see its doc)
+    res = subprocess.run([sys.executable, "-m", "mergeshield.eval._mergekit_shim", str(cfg_path), str(out),
+                          "--allow-crimes", "--random-seed", str(seed)], capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise MergeShieldError(f"mergekit failed on {method}: {res.stderr[-2000:]}")
+
+
+def _in_base_layout(model: Path, base: Path, out: Path) -> Path:
+    """The model's tensors under the base's names (an exact copy; tensors the base lacks dropped)."""
+    from safetensors.torch import save_file
+
+    from mergeshield.io.naming import match_names
+
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    m, b = Checkpoint(model), Checkpoint(base)
+    names = match_names(m.names, b.names)
+    save_file({bn: m.get(mn) for mn, bn in names.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(base / "config.json", out / "config.json")
+    return out
 
 
 def _state(folder: Path) -> dict[str, torch.Tensor]:
@@ -211,7 +227,10 @@ def _merge_and_score(
     if spec.method == "adamerging":
         return _adamerge_and_score(suite, spec, base, models, tasks)
     if spec.engine == "mergekit":
-        _mergekit(base, models, folder, spec, lam, seed)
+        # mergekit takes the architecture from the first model and then wants the base to have the
+        # same (head-prefixed) names: give it every model re-saved in the base's layout, heads dropped
+        plain = [_in_base_layout(m, base, work / f"mk-in-{i}") for i, m in enumerate(models)]
+        _mergekit(base, plain, folder, spec, lam, seed)
         got = set(Checkpoint(folder).names)
         want = set(Checkpoint(base).names)
         if not want <= got:

@@ -77,8 +77,9 @@ class TextSuite:
         if encoder is not None:
             _load_encoder(model, encoder)
         preds = []
+        batches = self.batches(task)  # built outside inference mode: AdaMerging backprops through them
         with torch.inference_mode():
-            for batch in self.batches(task):
+            for batch in batches:
                 preds.append(model(**batch).logits.argmax(-1).numpy())
         return float((np.concatenate(preds) == np.asarray(self.tasks[task].test_labels)).mean())
 

@@ -18,7 +18,7 @@ __all__ = ["layer_group", "adamerging", "entropy"]
 
 def layer_group(name: str) -> str:
     """The coefficient group of a tensor: its layer index, or its name's leading part."""
-    m = re.search(r"\.(?:layer|layers|h)\.(\d+)\.", name)
+    m = re.search(r"(?:^|\.)(?:layer|layers|h)\.(\d+)\.", name)
     return f"layer.{m.group(1)}" if m else name.rsplit(".", 1)[0]
 
 
