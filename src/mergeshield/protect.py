@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from mergeshield.core.assignment import farthest_permutation, permutation_objective, unit_features
+from mergeshield.core.assignment import choose_solver, farthest_permutation, permutation_objective, unit_features
 from mergeshield.core.scales import ScaleLaw, pow2_exponent_bounds, sample_factors
 from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
 from mergeshield.errors import BaseMismatchError, KeyMismatchError, NumericError, OutputPathError
@@ -73,6 +73,9 @@ class ProtectOptions(BaseModel):
     """``auto``: powers of two for float16/bfloat16 checkpoints (exact in any binary float
     format, so the protected half-precision model computes bit-for-bit the same products),
     continuous factors for float32/float64."""
+    solver: Literal["auto", "exact", "block", "greedy", "random"] = "auto"
+    """MLP assignment solver (see `mergeshield.core.assignment.SOLVERS`): ``auto`` is exact up to
+    4096 units per layer and block-exact (blocks of 1024) above."""
     prune_rate: float = Field(0.0, ge=0.0, lt=1.0)
     """PaRaMS' dropout-based pruning against adaptive attackers: zero this fraction of the
     entries of every transformed tensor (random, seeded per tensor) before rearranging, without
@@ -240,10 +243,11 @@ def _plan(
         detail = ""
         if isinstance(space, PermutationSpace):
             f_pre, f_tuned = unit_features(pairs_pre), unit_features(pairs_tuned)
-            perm = farthest_permutation(f_pre, f_tuned)
+            solver = choose_solver(options.solver, inst.size)
+            perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(options.seed, inst.id))
             transform = Transform(inst.id, perm=perm)
             moved = float((perm != np.arange(len(perm))).mean())
-            detail = f"{moved:.0%} units moved"
+            detail = f"{solver} solver, {moved:.0%} units moved"
             task2 = permutation_objective(f_pre, f_tuned, np.arange(len(perm)))
             after2 = permutation_objective(f_pre, f_tuned, perm)
             base2 = float((f_pre**2).sum())

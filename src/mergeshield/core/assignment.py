@@ -16,7 +16,23 @@ from scipy.optimize import linear_sum_assignment
 
 from mergeshield.symmetry.spec import Binding
 
-__all__ = ["unit_features", "farthest_permutation", "closest_permutation", "permutation_objective"]
+__all__ = [
+    "unit_features",
+    "farthest_permutation",
+    "closest_permutation",
+    "permutation_objective",
+    "SOLVERS",
+    "choose_solver",
+]
+
+SOLVERS = ("auto", "exact", "block", "greedy", "random")
+"""``exact``: scipy's Jonker-Volgenant on the full cost matrix (O(n^2 F) to build, O(n^3) worst
+case to solve). ``block``: sort units along their leading principal direction (base units
+ascending, fine-tuned units descending, so opposite units meet), cut into blocks of
+``block_size`` and solve each block exactly: only the block-diagonal costs are ever computed.
+``greedy``: rows in random order each take their cheapest free column. ``random``: a uniformly
+random permutation. ``auto``: exact up to ``EXACT_MAX`` units, block above."""
+EXACT_MAX = 4096
 
 
 def unit_features(tensors: Sequence[tuple[torch.Tensor, Binding]]) -> torch.Tensor:
@@ -37,18 +53,76 @@ def _solve(cost: np.ndarray) -> np.ndarray:
     return cols.astype(np.int64)
 
 
-def farthest_permutation(pre: torch.Tensor, tuned: torch.Tensor) -> np.ndarray:
-    """The gather index P maximising ``||pre - tuned[P]||^2`` (exact, Jonker-Volgenant via scipy).
+def choose_solver(solver: str, n: int) -> str:
+    """Resolve ``auto`` by size (see `SOLVERS`)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {SOLVERS}")
+    if solver == "auto":
+        return "exact" if n <= EXACT_MAX else "block"
+    return solver
+
+
+def farthest_permutation(
+    pre: torch.Tensor,
+    tuned: torch.Tensor,
+    solver: str = "exact",
+    *,
+    block_size: int = 1024,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """The gather index P maximising ``||pre - tuned[P]||^2``.
 
     Args:
         pre: ``(n, F)`` unit features of the pretrained model.
         tuned: ``(n, F)`` unit features of the model to protect.
+        solver: one of `SOLVERS`.
+        block_size: units per block for ``block``.
+        rng: random source for ``greedy`` (row order) and ``random``.
 
     Returns:
         int64 array ``perm`` with ``protected_unit[i] = tuned_unit[perm[i]]``.
     """
-    # cost[i, j] = <pre_i, tuned_j>: placing tuned unit j at position i; minimise the sum
-    return _solve((pre @ tuned.T).numpy())
+    n = pre.shape[0]
+    solver = choose_solver(solver, n)
+    if solver == "random":
+        if rng is None:
+            raise ValueError("the random solver needs an rng")
+        return rng.permutation(n).astype(np.int64)
+    if solver == "exact":
+        # cost[i, j] = <pre_i, tuned_j>: placing tuned unit j at position i; minimise the sum
+        return _solve((pre @ tuned.T).numpy())
+    if solver == "greedy":
+        return _greedy((pre @ tuned.T).numpy(), rng or np.random.default_rng(0))
+    return _block(pre, tuned, block_size)
+
+
+def _greedy(cost: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n = cost.shape[0]
+    perm = np.empty(n, dtype=np.int64)
+    taken = np.zeros(n, dtype=bool)
+    for i in rng.permutation(n):
+        row = np.where(taken, np.inf, cost[i])
+        j = int(row.argmin())
+        perm[i], taken[j] = j, True
+    return perm
+
+
+def _block(pre: torch.Tensor, tuned: torch.Tensor, block_size: int) -> np.ndarray:
+    n = pre.shape[0]
+    # leading principal direction of the base units (a few power iterations suffice for sorting)
+    v = torch.ones(pre.shape[1], dtype=pre.dtype) / pre.shape[1] ** 0.5
+    centred = pre - pre.mean(0)
+    for _ in range(8):
+        v = centred.T @ (centred @ v)
+        v = v / v.norm().clamp_min(1e-30)
+    rows = np.argsort((pre @ v).numpy(), kind="stable")
+    cols = np.argsort(-(tuned @ v).numpy(), kind="stable")
+    perm = np.empty(n, dtype=np.int64)
+    for start in range(0, n, block_size):
+        r, c = rows[start : start + block_size], cols[start : start + block_size]
+        sub = (pre[torch.from_numpy(r)] @ tuned[torch.from_numpy(c)].T).numpy()  # (b, b)
+        perm[r] = c[_solve(sub)]
+    return perm
 
 
 def closest_permutation(pre: torch.Tensor, tuned: torch.Tensor) -> np.ndarray:

@@ -1,0 +1,60 @@
+"""The MLP assignment solvers: valid permutations, exact optimum, approximate ones in between."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import linear_sum_assignment
+
+from mergeshield.core.assignment import SOLVERS, choose_solver, farthest_permutation, permutation_objective
+
+
+def _features(n: int, f: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    pre = torch.randn(n, f, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    return pre, pre + 0.05 * torch.randn(n, f, generator=g, dtype=torch.float64)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 30), f=st.integers(1, 8), seed=st.integers(0, 10_000))
+def test_exact_reaches_the_scipy_optimum(n, f, seed):
+    pre, tuned = _features(n, f, seed)
+    perm = farthest_permutation(pre, tuned, "exact")
+    cost = (pre @ tuned.T).numpy()
+    r, c = linear_sum_assignment(cost)
+    assert np.isclose(cost[np.arange(n), perm].sum(), cost[r, c].sum())
+
+
+@pytest.mark.parametrize("solver", [s for s in SOLVERS])
+def test_every_solver_returns_a_valid_permutation(solver):
+    pre, tuned = _features(300, 16, 0)
+    perm = farthest_permutation(pre, tuned, solver, block_size=64, rng=np.random.default_rng(0))
+    assert perm.dtype == np.int64 and sorted(perm.tolist()) == list(range(300))
+
+
+def test_approximate_solvers_land_between_identity_and_exact():
+    pre, tuned = _features(600, 24, 1)
+    ident = permutation_objective(pre, tuned, np.arange(600))
+    exact = permutation_objective(pre, tuned, farthest_permutation(pre, tuned, "exact"))
+    for solver in ("block", "greedy", "random"):
+        obj = permutation_objective(pre, tuned, farthest_permutation(pre, tuned, solver, block_size=128,
+                                                                     rng=np.random.default_rng(0)))
+        assert ident < obj <= exact + 1e-9, solver
+    block = permutation_objective(pre, tuned, farthest_permutation(pre, tuned, "block", block_size=128))
+    rand = permutation_objective(pre, tuned, farthest_permutation(pre, tuned, "random", rng=np.random.default_rng(0)))
+    assert (block - ident) > (rand - ident)  # the block solver is worth its time over a random permutation
+
+
+def test_random_is_seeded_and_auto_picks_by_size():
+    pre, tuned = _features(50, 4, 2)
+    a = farthest_permutation(pre, tuned, "random", rng=np.random.default_rng(3))
+    b = farthest_permutation(pre, tuned, "random", rng=np.random.default_rng(3))
+    assert np.array_equal(a, b)
+    with pytest.raises(ValueError, match="rng"):
+        farthest_permutation(pre, tuned, "random")
+    assert choose_solver("auto", 4096) == "exact" and choose_solver("auto", 4097) == "block"
+    with pytest.raises(ValueError, match="unknown solver"):
+        choose_solver("hungarian", 10)
