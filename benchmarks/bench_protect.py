@@ -1,0 +1,200 @@
+"""Benchmark: protect and merge Llama-shaped checkpoints against their floors, in one run.
+
+Generates a synthetic base and a "fine-tune" (base + small noise) with a Llama layout
+(default: TinyLlama-1.1B's shape, about 1.1B parameters; ``--shape 7b`` for Llama-2-7B's),
+sharded safetensors in bfloat16, then measures, each in a fresh subprocess:
+
+- ``copy``: read every tensor and write it back (the disk floor protect cannot beat);
+- ``protect`` with each requested solver: wall time / copy time, peak RSS;
+- ``merge`` (task arithmetic, TIES) with mergeshield and with mergekit: wall time ratio;
+- the objective each solver reaches on one layer, as a fraction of the exact optimum's
+  distance gain over the identity.
+
+Usage: ``python benchmarks/bench_protect.py --work /tmp/bench --out bench.json [--shape 7b]``.
+Not a test: numbers depend on the machine; ratios within one run are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHAPES = {
+    "tiny": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=8000),
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def make_checkpoints(work: Path, shape: str, seed: int = 0) -> tuple[Path, Path]:
+    """Write base/ and ft/ (bfloat16, 2 GB shards) one tensor at a time."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = dict(SHAPES[shape], model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
+               max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="bfloat16")
+    h, m, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (m, h), p + "mlp.up_proj.weight": (m, h), p + "mlp.down_proj.weight": (h, m),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })
+    out = []
+    for name, noise in (("base", 0.0), ("ft", 0.02)):
+        folder = work / f"{shape}-{name}"
+        out.append(folder)
+        if (folder / "model.safetensors.index.json").exists():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        weight_map, shard, size, k, total = {}, {}, 0, 0, 0
+        files = []
+
+        def flush() -> None:
+            nonlocal shard, size, k
+            fname = f"model-{k:05d}.safetensors"
+            save_file(shard, str(folder / fname), metadata={"format": "pt"})
+            files.append(fname)
+            weight_map.update({n: fname for n in shard})
+            shard, size, k = {}, 0, k + 1
+
+        for j, (n, s) in enumerate(shapes.items()):
+            g = torch.Generator().manual_seed(seed * 100003 + j)
+            t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02
+            if noise:
+                t = t + noise * t.abs().mean() * torch.randn(s, generator=torch.Generator().manual_seed(j + 7))
+            t = t.to(torch.bfloat16)
+            shard[n] = t
+            size += t.numel() * 2
+            total += t.numel() * 2
+            if size > 2 * 1024**3:
+                flush()
+        if shard:
+            flush()
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return out[0], out[1]
+
+
+def _timed(code: str) -> dict[str, float]:
+    """Run python code in a fresh process; wall seconds and peak RSS (GiB)."""
+    wrapper = (
+        "import resource, time, json\nt=time.perf_counter()\n" + code +
+        "\nprint(json.dumps({'seconds': time.perf_counter()-t, "
+        "'peak_rss_gib': max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)/2**20}))"
+    )
+    res = subprocess.run([sys.executable, "-c", wrapper], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True, help="scratch folder for checkpoints (needs disk)")
+    ap.add_argument("--out", type=Path, default=Path("bench_protect.json"))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--solvers", default="auto,block,random", help="protect solvers to time (exact is slow at 7b)")
+    ap.add_argument("--no-mergekit", action="store_true")
+    args = ap.parse_args()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    base, ft = make_checkpoints(work, args.shape)
+    results: dict[str, object] = {"shape": args.shape, "params_b": None, "cpus": os.cpu_count()}
+
+    copy = _timed(
+        "from mergeshield.io.checkpoint import Checkpoint\n"
+        "from mergeshield.protect import rewrite_checkpoint\n"
+        f"c=Checkpoint(r'{ft}')\n"
+        f"rewrite_checkpoint(c, __import__('pathlib').Path(r'{work / 'copy'}'), c.get, overwrite=True, progress=False, desc='')"
+    )
+    results["copy"] = copy
+    print(f"copy (read + write, the floor): {copy['seconds']:.1f} s, peak RSS {copy['peak_rss_gib']:.2f} GiB")
+    for solver in args.solvers.split(","):
+        r = _timed(
+            "from mergeshield import protect, ProtectOptions\n"
+            f"protect(r'{ft}', r'{base}', r'{work / 'prot'}', ProtectOptions(solver='{solver}'), overwrite=True, progress=False)"
+        )
+        r["ratio_to_copy"] = r["seconds"] / copy["seconds"]
+        results[f"protect_{solver}"] = r
+        print(f"protect [{solver}]: {r['seconds']:.1f} s = {r['ratio_to_copy']:.2f}x copy, "
+              f"peak RSS {r['peak_rss_gib']:.2f} GiB")
+
+    # objective fraction per solver on one MLP layer
+    import numpy as np
+
+    from mergeshield.core.assignment import farthest_permutation, permutation_objective, unit_features
+    from mergeshield.io.checkpoint import Checkpoint
+    from mergeshield.protect import bind_checkpoint
+
+    bc, fc = Checkpoint(base), Checkpoint(ft)
+    inst = next(i for i in bind_checkpoint(fc).instances if i.space.kind == "permutation")
+    fp = unit_features([(bc.get(bt.name).float(), bt.binding) for bt in inst.tensors])
+    ff = unit_features([(fc.get(bt.name).float(), bt.binding) for bt in inst.tensors])
+    ident = permutation_objective(fp, ff, np.arange(inst.size))
+    objective: dict[str, dict[str, float]] = {}
+    best = None
+    for solver in ("exact", "block", "greedy", "random"):
+        if solver == "exact" and inst.size > 6000 and "exact" not in args.solvers:
+            continue
+        t = time.perf_counter()
+        perm = farthest_permutation(fp, ff, solver, rng=np.random.default_rng(0))
+        objective[solver] = {"seconds": time.perf_counter() - t, "gain": permutation_objective(fp, ff, perm) - ident}
+        if solver == "exact":
+            best = objective[solver]["gain"]
+    for solver, o in objective.items():
+        if best:
+            o["fraction_of_exact"] = o["gain"] / best
+        print(f"one {inst.size}-wide layer, {solver}: {o['seconds']:.2f} s"
+              + (f", {o['fraction_of_exact']:.4f} of the exact gain" if best else ""))
+    results["objective"] = objective
+
+    if not args.no_mergekit:
+        import shutil
+
+        import yaml
+
+        ft2 = work / f"{args.shape}-ft-b"
+        if not ft2.exists():
+            shutil.copytree(ft, ft2)
+        for method, ours, theirs in (("task_arithmetic", "make_method('task_arithmetic', lam=0.8)", {"lambda": 0.8}),
+                                     ("ties", "make_method('ties', lam=0.8, density=0.2)", {"lambda": 0.8})):
+            r_ours = _timed(
+                "from mergeshield import merge_checkpoints, make_method\n"
+                f"merge_checkpoints(r'{base}', [r'{ft}', r'{ft2}'], r'{work / 'm_ours'}', {ours}, overwrite=True, progress=False)"
+            )
+            per_model = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.2}
+            cfg = {"merge_method": method, "base_model": str(base), "parameters": theirs, "dtype": "bfloat16",
+                   "models": [{"model": str(ft), "parameters": per_model}, {"model": str(ft2), "parameters": per_model}]}
+            (work / "mk.yaml").write_text(yaml.safe_dump(cfg))
+            shutil.rmtree(work / "m_mk", ignore_errors=True)
+            r_mk = _timed(
+                "import subprocess, sys\n"
+                f"subprocess.run([sys.executable, '-m', 'mergeshield.eval._mergekit_shim', r'{work / 'mk.yaml'}', "
+                f"r'{work / 'm_mk'}', '--allow-crimes', '--lazy-unpickle'], check=True, capture_output=True)"
+            )
+            results[f"merge_{method}"] = {"mergeshield": r_ours, "mergekit": r_mk,
+                                          "ratio": r_ours["seconds"] / r_mk["seconds"]}
+            print(f"merge {method}: mergeshield {r_ours['seconds']:.1f} s, mergekit {r_mk['seconds']:.1f} s, "
+                  f"ratio {r_ours['seconds'] / r_mk['seconds']:.2f}; peak RSS ours {r_ours['peak_rss_gib']:.2f} GiB, "
+                  f"mergekit {r_mk['peak_rss_gib']:.2f} GiB")
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
