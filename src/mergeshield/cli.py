@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -216,8 +217,14 @@ def demo(
     run_demo(out_dir, cache=cache, seed=seed, console=Console(width=160, highlight=False))
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM becomes an interrupt, so temporary output is removed on the way out
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
     """Console-script entry point."""
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(app())
 
 
