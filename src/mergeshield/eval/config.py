@@ -56,7 +56,8 @@ class DefenseSpec(_Frozen):
 
 class EvalConfig(_Frozen):
     suite: str
-    kind: Literal["text"] = "text"
+    kind: Literal["text", "causal"] = "text"
+    """``text``: MiniLM classifiers with per-task heads; ``causal``: SmolLM2 label-word generation."""
     seed: int = 0
     tasks: list[TaskSpec] = Field(min_length=2)
     victim: str
@@ -69,7 +70,10 @@ class EvalConfig(_Frozen):
     """Pruning rates for the trade-off curve (measured with TA at lambda 0.8, attacked)."""
     max_length: int = 64
     base_model: Path | None = None
-    """A BERT-style checkpoint folder with a tokenizer; default: the packaged all-MiniLM-L6-v2."""
+    """A checkpoint folder with a tokenizer; default: the packaged all-MiniLM-L6-v2 (text) or
+    SmolLM2-135M-Instruct (causal)."""
+    train_layers: int = 4
+    """Causal suite: fine-tune only the last this many decoder layers (CPU budget)."""
 
 
 def load_config(path: str | Path) -> EvalConfig:

@@ -23,6 +23,7 @@ import yaml
 from mergeshield.attack import attack, recovery
 from mergeshield.errors import MergeShieldError
 from mergeshield.eval.config import EvalConfig, MergeSpec
+from mergeshield.eval.causal import CausalSuite
 from mergeshield.eval.text import TextSuite
 from mergeshield.io.checkpoint import Checkpoint
 from mergeshield.merge.adamerging import adamerging
@@ -127,7 +128,7 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
 
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    suite = TextSuite(config, cache, log)
+    suite: TextSuite | CausalSuite = (TextSuite if config.kind == "text" else CausalSuite)(config, cache, log)
     base = suite.base
     victim = config.victim
     partners = [t.name for t in config.tasks if t.name != victim]
@@ -218,7 +219,7 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
 
 
 def _merge_and_score(
-    suite: TextSuite, spec: MergeSpec, lam: float | None, base: Path, models: list[Path], tasks: list[str],
+    suite: TextSuite | CausalSuite, spec: MergeSpec, lam: float | None, base: Path, models: list[Path], tasks: list[str],
     work: Path, seed: int, log: Callable[[str], None],
 ) -> dict[str, float]:
     folder = work / "merged"
@@ -241,7 +242,7 @@ def _merge_and_score(
     return {t: suite.accuracy(t, folder) for t in tasks}
 
 
-def _adamerge_and_score(suite: TextSuite, spec: MergeSpec, base: Path, models: list[Path], tasks: list[str]) -> dict[str, float]:
+def _adamerge_and_score(suite: TextSuite | CausalSuite, spec: MergeSpec, base: Path, models: list[Path], tasks: list[str]) -> dict[str, float]:
     from mergeshield.io.naming import match_names
 
     b = {n: t.float() for n, t in _state(base).items() if t.is_floating_point()}

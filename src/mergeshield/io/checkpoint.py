@@ -10,11 +10,14 @@ Output is always safetensors, in the same shard split as the input.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
+import stat
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -27,7 +30,14 @@ from safetensors.torch import save_file
 
 from mergeshield.errors import CheckpointError, OutputPathError
 
-__all__ = ["Checkpoint", "Shard", "atomic_output_dir", "check_output_path", "tensor_digest"]
+__all__ = [
+    "Checkpoint",
+    "Shard",
+    "atomic_output_dir",
+    "check_output_path",
+    "tensor_digest",
+    "structural_differences",
+]
 
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"

@@ -78,5 +78,6 @@ def adamerging(
             progress(step, float(loss))
     with torch.no_grad():
         final = {n: t.detach() for n, t in merged().items()}
-    coefficients = {g: [float(lam[k, index[g]]) for k in range(len(task_vectors))] for g in groups}
+    lam_final = lam.detach()
+    coefficients = {g: [float(lam_final[k, index[g]]) for k in range(len(task_vectors))] for g in groups}
     return final, coefficients
