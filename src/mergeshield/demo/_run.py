@@ -16,22 +16,23 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from mergeshield.demo._data import TextTask, load_task
-from mergeshield.demo._finetune import accuracy, cached_finetune, default_cache_root, predict
 from rich.console import Console
 from rich.table import Table
 
+from mergeshield.demo._data import TextTask, load_task
+from mergeshield.demo._finetune import accuracy, cached_finetune, default_cache_root, predict
 from mergeshield.errors import MergeShieldError
+from mergeshield.eval.records import Record
 from mergeshield.merge.engine import merge_checkpoints
 from mergeshield.merge.methods import MergeMethod, make_method
 from mergeshield.protect import ProtectOptions, protect
 
-__all__ = ["run_demo", "DemoRecord", "DEMO_TASKS"]
+__all__ = ["run_demo", "DEMO_TASKS"]
 
 # (task name, n_train, n_test, fine-tuning steps); sized for ~3 minutes of CPU fine-tuning each
 DEMO_TASKS: tuple[tuple[str, int, int, int], ...] = (
@@ -43,23 +44,6 @@ MERGES: tuple[tuple[str, MergeMethod], ...] = (
     ("TA lambda=0.8", make_method("task_arithmetic", lam=0.8)),
     ("TIES top20% lambda=0.8", make_method("ties", lam=0.8, density=0.2)),
 )
-
-
-@dataclass(frozen=True)
-class DemoRecord:
-    suite: str
-    task: str
-    merge_method: str | None
-    lam: float | None
-    n_models: int
-    protected: bool
-    merged: bool
-    engine: str
-    accuracy: float
-    chance: float
-    n_test: int
-    defense: str | None
-    attack: str | None
 
 
 def _minilm_path() -> Path:
@@ -89,7 +73,7 @@ def _evaluate(task_dir: Path, encoder_dir: Path | None, task: TextTask) -> np.nd
     return predict(model, tokenizer, list(task.test_texts))
 
 
-def run_demo(out_dir: Path, *, cache: Path | None = None, seed: int = 0, console: Console | None = None) -> list[DemoRecord]:
+def run_demo(out_dir: Path, *, cache: Path | None = None, seed: int = 0, console: Console | None = None) -> list[Record]:
     """Run the demonstration and write ``results.json`` and ``report.md`` into `out_dir`.
 
     Returns:
@@ -115,11 +99,11 @@ def run_demo(out_dir: Path, *, cache: Path | None = None, seed: int = 0, console
     victim, partner = "bbc_topic", "rt_sentiment"
     variants = _victims(ft_dirs[victim], base, out_dir, seed, console)
 
-    records: list[DemoRecord] = []
+    records: list[Record] = []
     labels = {n: np.asarray(t.test_labels) for n, t in tasks.items()}
 
     def record(task: str, method: str | None, lam: float | None, n_models: int, variant: Variant, preds: np.ndarray) -> None:
-        records.append(DemoRecord(
+        records.append(Record(
             "demo-minilm", task, method, lam, n_models, variant.defense is not None, method is not None,
             "mergeshield", accuracy(preds, labels[task]), tasks[task].chance, len(labels[task]),
             variant.defense, variant.attack,
@@ -145,7 +129,7 @@ def run_demo(out_dir: Path, *, cache: Path | None = None, seed: int = 0, console
                 shutil.rmtree(merged)
             console.print(f"merged with {label}")
 
-    (out_dir / "results.json").write_text(json.dumps([asdict(r) for r in records], indent=2) + "\n")
+    (out_dir / "results.json").write_text(json.dumps([r.as_json() for r in records], indent=2) + "\n")
     md = _report(records, variants, identical, time.perf_counter() - t0)
     (out_dir / "report.md").write_text(md)
     console.print(_table(records, variants))
@@ -185,13 +169,13 @@ def _victims(ft: Path, base: Path, out_dir: Path, seed: int, console: Console) -
     return variants
 
 
-def _acc(records: list[DemoRecord], task: str, method: str | None, v: Variant) -> str:
+def _acc(records: list[Record], task: str, method: str | None, v: Variant) -> str:
     hit = [r.accuracy for r in records
            if r.task == task and r.merge_method == method and r.defense == v.defense and r.attack == v.attack]
     return f"{hit[0]:.3f}" if hit else "-"
 
 
-def _rows(records: list[DemoRecord], variants: list[Variant]) -> list[tuple[str, ...]]:
+def _rows(records: list[Record], variants: list[Variant]) -> list[tuple[str, ...]]:
     rows = []
     tasks = sorted({r.task for r in records})
     for t in tasks:
@@ -208,7 +192,7 @@ def _columns(variants: list[Variant]) -> tuple[str, ...]:
     return ("task", "chance", "setting", *(v.label for v in variants))
 
 
-def _table(records: list[DemoRecord], variants: list[Variant]) -> Table:
+def _table(records: list[Record], variants: list[Variant]) -> Table:
     table = Table(title="all-MiniLM-L6-v2: the BBC topic model as released, merged with an RT sentiment model")
     for col in _columns(variants):
         table.add_column(col)
@@ -217,7 +201,7 @@ def _table(records: list[DemoRecord], variants: list[Variant]) -> Table:
     return table
 
 
-def _report(records: list[DemoRecord], variants: list[Variant], identical: dict[str, bool], seconds: float) -> str:
+def _report(records: list[Record], variants: list[Variant], identical: dict[str, bool], seconds: float) -> str:
     cols = _columns(variants)
     lines = [
         "# mergeshield demo: all-MiniLM-L6-v2, BBC topic (protected) merged with Rotten Tomatoes sentiment",

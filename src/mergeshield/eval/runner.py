@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,8 +22,9 @@ import yaml
 
 from mergeshield.attack import attack, recovery
 from mergeshield.errors import MergeShieldError
-from mergeshield.eval.config import EvalConfig, MergeSpec
 from mergeshield.eval.causal import CausalSuite
+from mergeshield.eval.config import EvalConfig, MergeSpec
+from mergeshield.eval.records import Record
 from mergeshield.eval.text import TextSuite
 from mergeshield.io.checkpoint import Checkpoint
 from mergeshield.merge.adamerging import adamerging
@@ -32,30 +33,6 @@ from mergeshield.merge.methods import make_method
 from mergeshield.protect import ProtectOptions, protect
 
 __all__ = ["Record", "Variant", "run_eval"]
-
-
-@dataclass(frozen=True)
-class Record:
-    suite: str
-    task: str
-    merge_method: str | None
-    lam: float | None
-    n_models: int
-    protected: bool
-    merged: bool
-    engine: str
-    accuracy: float
-    chance: float
-    n_test: int
-    defense: str | None
-    attack: str | None
-    partners: list[str] | None = None
-    note: str | None = None
-
-    def as_json(self) -> dict[str, object]:
-        d = asdict(self)
-        d["lambda"] = d.pop("lam")
-        return d
 
 
 @dataclass(frozen=True)
