@@ -130,7 +130,7 @@ class CausalSuite:
         for _ in bar:
             idx = rng.choice(len(task.train_texts), size=8, replace=False)
             batch = self.tok([self._prompt(task.name, task.train_texts[i]) for i in idx], return_tensors="pt", padding=True)
-            logits = model(**batch).logits[:, -1]  # (B, vocab): the next token after "Answer:"
+            logits = model(**batch, logits_to_keep=1).logits[:, -1]  # (B, vocab): the token after "Answer:"
             target = torch.tensor([ids[task.train_labels[i]] for i in idx])
             loss = torch.nn.functional.cross_entropy(logits, target)
             loss.backward()
@@ -179,7 +179,7 @@ class CausalSuite:
         hits = []
         with torch.inference_mode():
             for batch in batches:
-                hits.append(model(**batch).logits[:, -1].argmax(-1).numpy())
+                hits.append(model(**batch, logits_to_keep=1).logits[:, -1].argmax(-1).numpy())
         pred = np.concatenate(hits)
         gold = np.asarray([self.label_ids[task][y] for y in self.tasks[task].test_labels])
         return float((pred == gold).mean())
@@ -205,7 +205,7 @@ class CausalSuite:
             batch = batches[counter["i"] % len(batches)]
             counter["i"] += 1
             mapped = {names[n]: t for n, t in params.items() if n in names}
-            logits = functional_call(model, mapped, args=(), kwargs=dict(batch)).logits[:, -1]
+            logits = functional_call(model, mapped, args=(), kwargs={**batch, "logits_to_keep": 1}).logits[:, -1]
             return entropy(logits[:, ids])
 
         return loss
