@@ -138,3 +138,42 @@ def test_key_describes_exactly_what_was_applied(tiny_pair, tmp_path):
                     s = 1 / s if bt.binding.inverse else s
                     shape = (-1,) + (1,) * (f.dim() - 1)
                     torch.testing.assert_close(p, f * torch.from_numpy(s).reshape(shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_vo_mixing_beats_diagonal_realignment_but_not_matrix_least_squares(tiny_pair, tmp_path, family):
+    base, ft, _ = tiny_pair(family)
+    protect(ft, base, tmp_path / "p", ProtectOptions(seed=2, mix_vo=True), key_out=tmp_path / "key", progress=False)
+    assert verify(ft, tmp_path / "p", rtol=1e-4).equivalent
+    attack(tmp_path / "p", base, tmp_path / "diag", "realign", progress=False)
+    rec = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "mat", "realign-matrix", progress=False))
+    assert rec["matrix_rel_err_median"] < 0.1
+    assert verify(ft, tmp_path / "mat", rtol=1e-4).equivalent
+    w_ft, w_p = _weights(ft), _weights(tmp_path / "p")
+    vo = [n for n in w_ft if any(k in n for k in ("v_proj", "o_proj", "value", "attention.output.dense", "c_attn", "attn.c_proj"))
+          and n.endswith("weight")]
+    sub = lambda w: {n: w[n] for n in vo}  # noqa: E731
+    d_diag = _dist(sub(_weights(tmp_path / "diag")), sub(w_ft))
+    d_mat = _dist(sub(_weights(tmp_path / "mat")), sub(w_ft))
+    d_prot = _dist(sub(w_p), sub(w_ft))
+    assert d_diag > 0.3 * d_prot  # a diagonal least-squares fit cannot undo a rotation
+    assert d_mat < 0.1 * d_prot  # a per-head matrix fit can
+    from mergeshield import unprotect
+
+    unprotect(tmp_path / "p", tmp_path / "key", tmp_path / "back", progress=False)
+    back = _weights(tmp_path / "back")
+    for n in w_ft:
+        torch.testing.assert_close(back[n], w_ft[n], rtol=1e-5, atol=1e-6)
+
+
+def test_vo_mixing_is_refused_for_half_precision(tmp_path):
+    from tiny_models import build, save
+
+    from mergeshield.errors import NumericError
+
+    base = build("llama", 0)
+    save(base, tmp_path / "base", dtype=torch.bfloat16)
+    save(build("llama", 1, finetune_of=base), tmp_path / "ft", dtype=torch.bfloat16)
+    with pytest.raises(NumericError, match="float32 copy"):
+        protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(mix_vo=True), progress=False)
+    assert not (tmp_path / "out").exists()

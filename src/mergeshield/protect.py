@@ -73,6 +73,10 @@ class ProtectOptions(BaseModel):
     """``auto``: powers of two for float16/bfloat16 checkpoints (exact in any binary float
     format, so the protected half-precision model computes bit-for-bit the same products),
     continuous factors for float32/float64."""
+    mix_vo: bool = False
+    """Beyond PaRaMS: instead of diagonal V/O scales, a random invertible matrix per K/V head
+    (a random rotation times scale factors, condition number at most scale_high/scale_low),
+    as MergeLock (arXiv 2509.01548) does. float32/float64 checkpoints only (not exact in half)."""
     solver: Literal["auto", "exact", "block", "greedy", "random"] = "auto"
     """MLP assignment solver (see `mergeshield.core.assignment.SOLVERS`): ``auto`` is exact up to
     4096 units per layer and block-exact (blocks of 1024) above."""
@@ -206,6 +210,17 @@ def _factor_bounds(
     return lo, hi
 
 
+def _mixing_matrices(rng: np.random.Generator, inst: SpaceInstance, options: ProtectOptions) -> np.ndarray:
+    """Per K/V head: a random orthogonal matrix times a diagonal of sampled scale factors."""
+    d = inst.head_dim
+    out = np.empty((inst.heads, d, d))
+    for h in range(inst.heads):
+        q, r = np.linalg.qr(rng.standard_normal((d, d)))
+        q = q * np.sign(np.diag(r))  # Haar-distributed rotation
+        out[h] = q * sample_factors(rng, d, options.scale_low, options.scale_high, options.scale_law)
+    return out
+
+
 def _plan(
     model: Checkpoint,
     base: Checkpoint,
@@ -223,6 +238,12 @@ def _plan(
         quantize = "pow2" if dtypes & set(HALF_DTYPES) else "none"
     if quantize == "pow2":
         notes.append("scale factors rounded to powers of two (exact in float16/bfloat16)")
+    if options.mix_vo and dtypes & set(HALF_DTYPES):
+        raise NumericError(
+            "mix_vo: per-head mixing matrices cannot be applied exactly to float16/bfloat16 weights "
+            "(the protected model would not compute the same function). Protect a float32 copy, or "
+            "drop --mix-vo to use power-of-two scales."
+        )
     clamped = 0
     for inst in tqdm(bound.instances, desc="planning", unit="layer", disable=not progress):
         space = inst.space
@@ -264,6 +285,9 @@ def _plan(
                 factors = np.exp2(bounded.astype(np.float64))
             transform = Transform(inst.id, factors=factors)
             detail = f"factors {factors.min():.3g}..{factors.max():.3g}"
+            if options.mix_vo and space.role == "vo":
+                transform = Transform(inst.id, matrices=_mixing_matrices(rng, inst, options))
+                detail = f"per-head mixing, condition <= {options.scale_high / options.scale_low:.3g}"
             task2 = after2 = base2 = 0.0
             for bt in inst.tensors:
                 base2 += float((axis_view(pre[bt.name], bt.binding) ** 2).sum())
@@ -381,6 +405,8 @@ def _write_key(path: Path, transforms: list[Transform], meta: dict[str, object])
     for t in transforms:
         if t.perm is not None:
             tensors[f"perm::{t.instance_id}"] = torch.from_numpy(t.perm.astype(np.int64))
+        elif t.matrices is not None:
+            tensors[f"mix::{t.instance_id}"] = torch.from_numpy(t.matrices.astype(np.float64))
         else:
             assert t.factors is not None
             tensors[f"scale::{t.instance_id}"] = torch.from_numpy(t.factors.astype(np.float64))
@@ -410,6 +436,8 @@ def _read_key(path: Path) -> tuple[list[Transform], dict[str, object]]:
             for iid in meta["order"]:
                 if f"perm::{iid}" in f.keys():
                     out.append(Transform(iid, perm=f.get_tensor(f"perm::{iid}").numpy()))
+                elif f"mix::{iid}" in f.keys():
+                    out.append(Transform(iid, matrices=f.get_tensor(f"mix::{iid}").numpy()))
                 else:
                     out.append(Transform(iid, factors=f.get_tensor(f"scale::{iid}").numpy()))
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:

@@ -42,6 +42,8 @@ ATTACKS: dict[str, tuple[str, ...]] = {
     "scale": ("scale",),
     "realign": ("scale", "permutation"),
     "realign+fill": ("scale", "permutation", "fill"),
+    "realign-matrix": ("scale", "matrix", "permutation"),
+    "realign-matrix+fill": ("scale", "matrix", "permutation", "fill"),
 }
 """Registered attacks: name -> the steps it runs, in order. Scales first: they are estimated on
 attention tensors that permutations do not touch in PaRaMS, and an unscaled model makes the
@@ -87,6 +89,26 @@ def estimate_scales(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dic
     return Transform(inst.id, factors=1.0 / s)
 
 
+def estimate_mixing(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
+    """Least squares for a general invertible matrix per K/V head (covers diagonal scales too).
+
+    From the primal side (V rows and bias, ``P = M V``): ``A = B P^T (P P^T)^-1 ~ M^-1`` with the
+    base's ``B ~ V``. Returns the transform that undoes it (``matrices = A``).
+    """
+    ps, bs = [], []
+    for bt in inst.tensors:
+        if bt.binding.inverse:
+            continue
+        p = axis_view(prot[bt.name], bt.binding).movedim(bt.binding.axis, 0).double()
+        b = axis_view(pre[bt.name], bt.binding).movedim(bt.binding.axis, 0).double()
+        ps.append(p.reshape(inst.heads, inst.head_dim, -1))  # (heads, d, cols)
+        bs.append(b.reshape(inst.heads, inst.head_dim, -1))
+    p, b = torch.cat(ps, dim=2), torch.cat(bs, dim=2)
+    gram = p @ p.transpose(1, 2)  # (heads, d, d)
+    a = torch.linalg.solve(gram, (b @ p.transpose(1, 2)).transpose(1, 2)).transpose(1, 2)
+    return Transform(inst.id, matrices=a.numpy())
+
+
 def attack(
     protected_dir: str | os.PathLike[str],
     base_dir: str | os.PathLike[str],
@@ -120,14 +142,18 @@ def attack(
         names = _check_base(prot_ckpt, base, bound)
         for inst in tqdm(bound.instances, desc=f"attack ({name})", unit="layer", disable=not progress):
             is_perm = isinstance(inst.space, PermutationSpace)
-            if ("permutation" if is_perm else "scale") not in steps:
+            as_matrix = (not is_perm and "matrix" in steps and isinstance(inst.space, ScaleSpace)
+                         and inst.space.rope == "none" and inst.space.role == "vo")
+            step = "permutation" if is_perm else ("matrix" if as_matrix else "scale")
+            if step not in steps:
                 continue
             prot = {bt.name: prot_ckpt.get(bt.name).double() for bt in inst.tensors}
             pre = {bt.name: base.get(names[bt.name]).double() for bt in inst.tensors}
             if is_perm:
                 report.transforms.append(estimate_permutation(inst, prot, pre))
+            elif as_matrix:
+                report.transforms.append(estimate_mixing(inst, prot, pre))
             else:
-                assert isinstance(inst.space, ScaleSpace)
                 report.transforms.append(estimate_scales(inst, prot, pre))
         realigned = _transformed(prot_ckpt, bound, report.transforms)
         produce: Callable[[str], torch.Tensor] = realigned
@@ -155,7 +181,7 @@ def recovery(key_path: str | os.PathLike[str], report: AttackReport) -> dict[str
     from mergeshield.protect import _read_key
 
     truth = {t.instance_id: t for t in _read_key(Path(key_path))[0]}
-    restored, total, errs = 0, 0, []
+    restored, total, errs, mix_errs = 0, 0, [], []
     for est in report.transforms:
         true = truth.get(est.instance_id)
         if true is None:
@@ -166,9 +192,17 @@ def recovery(key_path: str | os.PathLike[str], report: AttackReport) -> dict[str
             total += len(est.perm)
         elif est.factors is not None and true.factors is not None:
             errs.append(np.abs(true.factors * est.factors - 1.0))  # est holds 1/s_hat
+        elif est.matrices is not None:
+            # est holds A ~ M^-1; the residual of A M from the identity, per head
+            true_m = true.matrices if true.matrices is not None else np.stack(
+                [np.diag(f) for f in true.factors.reshape(est.matrices.shape[0], -1)])  # type: ignore[union-attr]
+            resid = np.einsum("hij,hjk->hik", est.matrices, true_m) - np.eye(est.matrices.shape[1])
+            mix_errs.append(np.linalg.norm(resid, axis=(1, 2)) / np.sqrt(est.matrices.shape[1]))
     out: dict[str, float] = {}
     if total:
         out["perm_units_restored"] = restored / total
+    if mix_errs:
+        out["matrix_rel_err_median"] = float(np.median(np.concatenate(mix_errs)))
     if errs:
         e = np.concatenate(errs)
         out["scale_rel_err_median"] = float(np.median(e))

@@ -33,10 +33,13 @@ class Transform:
     instance_id: str
     perm: np.ndarray | None = None
     factors: np.ndarray | None = None
+    matrices: np.ndarray | None = None
+    """``(heads, d, d)`` invertible per-head mixing (V/O spaces without RoPE): primal bindings
+    are multiplied by ``M``, inverse bindings by ``M^-1`` on their side (MergeLock-style)."""
 
     def __post_init__(self) -> None:
-        if (self.perm is None) == (self.factors is None):
-            raise ValueError("a Transform holds exactly one of perm and factors")
+        if sum(x is not None for x in (self.perm, self.factors, self.matrices)) != 1:
+            raise ValueError("a Transform holds exactly one of perm, factors and matrices")
 
 
 def invert_permutation(perm: np.ndarray) -> np.ndarray:
@@ -101,6 +104,8 @@ def apply_transform(
         idx = invert_permutation(transform.perm) if inverse else transform.perm
         part.copy_(part.index_select(binding.axis, torch.from_numpy(idx).to(part.device)))
         return out
+    if transform.matrices is not None:
+        return _apply_mixing(out, part, binding, instance, transform.matrices, inverse)
     assert transform.factors is not None
     f = expand_factors(instance, transform.factors, binding.layout)
     shape = [1] * part.ndim
@@ -112,4 +117,27 @@ def apply_transform(
         part.div_(factor)
     else:
         part.mul_(factor)
+    return out
+
+
+def _apply_mixing(
+    out: torch.Tensor, part: torch.Tensor, binding: Binding, instance: SpaceInstance, mats: np.ndarray, inverse: bool
+) -> torch.Tensor:
+    """Per-head mixing along a bound axis: vectors along the axis, one ``d``-block per head.
+
+    Primal side (V rows): ``v' = M v``. Inverse side (O columns): ``O' = O M^-1``, i.e. each
+    vector along the axis is multiplied by ``M^-T``. Undoing swaps ``M`` for ``M^-1``.
+    """
+    m = torch.from_numpy(mats).to(torch.float64)  # (kv_heads, d, d)
+    if binding.inverse:  # O columns: apply M^-T, undo M^T
+        m = m.transpose(1, 2) if inverse else torch.linalg.inv(m).transpose(1, 2)
+    elif inverse:  # V rows: apply M, undo M^-1
+        m = torch.linalg.inv(m)
+    if binding.layout == "q":
+        m = m.repeat_interleave(instance.query_heads // instance.heads, dim=0)  # (q_heads, d, d)
+    moved = part.movedim(binding.axis, 0)  # (axis, rest...)
+    shape = moved.shape
+    blocks = moved.reshape(m.shape[0], m.shape[1], -1).to(torch.float64)  # (heads, d, rest)
+    mixed = torch.bmm(m, blocks).reshape(shape).movedim(0, binding.axis)
+    part.copy_(mixed.to(part.dtype))
     return out
