@@ -163,7 +163,7 @@ def test_vo_mixing_beats_diagonal_realignment_but_not_matrix_least_squares(tiny_
     unprotect(tmp_path / "p", tmp_path / "key", tmp_path / "back", progress=False)
     back = _weights(tmp_path / "back")
     for n in w_ft:
-        torch.testing.assert_close(back[n], w_ft[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(back[n], w_ft[n], rtol=1e-4, atol=1e-5)  # mixing: float32 rounding
 
 
 def test_vo_mixing_is_refused_for_half_precision(tmp_path):
