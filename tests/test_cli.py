@@ -85,6 +85,8 @@ def test_real_minilm_sentence_embeddings_are_unchanged(tmp_path):
             w[k] = v + 0.01 * v.std() * torch.randn(v.shape, generator=gen)
     save_file(w, ft / "model.safetensors", metadata={"format": "pt"})
     report = protect(ft, src, tmp_path / "p", ProtectOptions(seed=0), progress=False)
+    # sentence-transformers' module folders come along unchanged
+    assert (tmp_path / "p" / "1_Pooling" / "config.json").read_bytes() == (src / "1_Pooling" / "config.json").read_bytes()
     assert len(report.instances) == 18  # 6 layers x (MLP, QK, VO)
     assert min(r.ratio for r in report.instances) > 3
     a, b = _embed(ft), _embed(tmp_path / "p")

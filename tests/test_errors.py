@@ -144,7 +144,7 @@ def test_base_of_another_depth_is_refused(tiny_pair, tmp_path):
     other = T.LlamaForCausalLM(T.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
     save(other, tmp_path / "base")
-    with pytest.raises(BaseMismatchError, match="different depth"):
+    with pytest.raises(BaseMismatchError, match="num_hidden_layers: model 2 vs base 1"):
         protect(ft, tmp_path / "base", tmp_path / "out", progress=False)
 
 
@@ -284,3 +284,29 @@ def test_cli_error_is_one_message_without_traceback(pair, tmp_path):
     assert "Traceback" not in res.stderr + res.stdout
     res = _cli("--debug", "protect", str(ft), "--base", str(base), "--out", str(tmp_path / "out"), "--quiet")
     assert "Traceback" in res.stderr
+
+
+def test_cli_exit_code_2_for_several_faults(pair, tmp_path):
+    base, ft = pair
+    cases = [
+        ["protect", str(ft), "--base", str(tmp_path / "nope"), "--out", str(tmp_path / "o")],
+        ["protect", str(ft), "--base", str(base), "--out", str(ft)],
+        ["protect", str(ft), "--base", str(base), "--out", str(tmp_path / "o"), "--scale-low", "5", "--scale-high", "1"],
+        ["unprotect", str(ft), "--key", str(tmp_path / "nokey"), "--out", str(tmp_path / "o")],
+        ["merge", str(ft), "--base", str(base), "--out", str(tmp_path / "o"), "--method", "slerp"],
+    ]
+    for args in cases:
+        res = subprocess.run([sys.executable, "-m", "mergeshield.cli", *args, "--quiet"] if args[0] != "merge"
+                             else [sys.executable, "-m", "mergeshield.cli", *args], capture_output=True, text=True)
+        assert res.returncode == 2, (args, res.stderr)
+        assert "error:" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_subfolder_with_weights_is_refused_not_shipped(pair, tmp_path):
+    base, ft = pair
+    (ft / "checkpoint-500").mkdir()
+    shutil.copy(ft / "model.safetensors", ft / "checkpoint-500" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unprotected weights"):
+        protect(ft, base, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import signal
 import sys
@@ -28,21 +29,61 @@ F = TypeVar("F", bound=Callable[..., Any])
 _D = ProtectOptions.model_fields
 
 
+_OS_HINTS = {
+    errno.ENOSPC: "The disk is full: free space or choose an output on another disk.",
+    errno.EDQUOT: "The disk quota is exceeded: free space or choose an output on another disk.",
+    errno.EACCES: "Permission denied: make the file readable (inputs) or the folder writable (output).",
+    errno.EROFS: "The file system is read-only: choose another output.",
+}
+
+
+def _message(exc: BaseException) -> str:
+    """The one-paragraph message for an input or environment error."""
+    from safetensors import SafetensorError
+
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, SafetensorError):
+        text = f"safetensors: {text}"
+    if isinstance(exc, OSError) and exc.errno in _OS_HINTS and "then run again" not in text:
+        text = f"{text}. {_OS_HINTS[exc.errno]}"
+    if isinstance(exc, MemoryError):
+        text = "not enough memory for this model on this machine (peak is about one shard plus one layer)."
+    return text
+
+
 def _handled(fn: F) -> F:
-    """Turn input errors into a clear message and exit code 2 (a traceback only with --debug)."""
+    """Turn errors into one message and a non-zero exit (a traceback only with --debug).
+
+    Exit codes: 2 for bad input or an environment problem (the message says what was found and
+    how to fix it), 3 for an internal error (a bug: rerun with --debug and report it), 128+N when
+    interrupted by signal N (130 for Ctrl-C, 143 for SIGTERM); temporary output is removed.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from safetensors import SafetensorError
+
         try:
             return fn(*args, **kwargs)
-        except (MergeShieldError, ValidationError, ValueError, OSError) as exc:
+        except (typer.Exit, typer.Abort):
+            raise
+        except (MergeShieldError, ValidationError, ValueError, OSError, SafetensorError, MemoryError) as exc:
             if _state["debug"]:
                 raise
-            err.print(f"error: {exc}", markup=False, soft_wrap=True)
+            err.print(f"error: {_message(exc)}", markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err.print("interrupted: no output was left behind")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            err.print(f"interrupted ({signal.Signals(signum).name}): stopped; temporary output was removed "
+                      "and the inputs are unchanged", markup=False, soft_wrap=True)
+            raise typer.Exit(128 + signum) from None
+        except Exception as exc:
+            if _state["debug"]:
+                raise
+            err.print(f"internal error: {type(exc).__name__}: {exc}. This is a bug in mergeshield, not a "
+                      "problem with your input; temporary output was removed. Run again with --debug for "
+                      "the traceback and report it.", markup=False, soft_wrap=True)
+            raise typer.Exit(3) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -68,6 +109,7 @@ def protect(
     scale_high: Annotated[float, typer.Option(help="Largest scale factor.")] = _D["scale_high"].default,
     scale_law: Annotated[str, typer.Option(help="uniform | loguniform | beta.")] = _D["scale_law"].default,
     scale_quantize: Annotated[str, typer.Option(help="auto (powers of two for fp16/bf16) | none | pow2.")] = _D["scale_quantize"].default,
+    mix_vo: Annotated[bool, typer.Option(help="Per-head invertible V/O mixing instead of diagonal scales (float32).")] = _D["mix_vo"].default,
     solver: Annotated[str, typer.Option(help="MLP assignment: auto | exact | block | greedy | random.")] = _D["solver"].default,
     prune_rate: Annotated[float, typer.Option(help="Zero this fraction of transformed weights (changes the function).")] = _D["prune_rate"].default,
     key_out: Annotated[Path | None, typer.Option(help="Write a key file here (keep it private; not inside --out).")] = None,
@@ -80,7 +122,7 @@ def protect(
     options = ProtectOptions(
         seed=seed, permute_mlp=permute_mlp, scale_qk=scale_qk, scale_vo=scale_vo,
         scale_low=scale_low, scale_high=scale_high, scale_law=scale_law,  # type: ignore[arg-type]
-        scale_quantize=scale_quantize, prune_rate=prune_rate, solver=solver,  # type: ignore[arg-type]
+        scale_quantize=scale_quantize, prune_rate=prune_rate, solver=solver, mix_vo=mix_vo,  # type: ignore[arg-type]
     )
     report = _protect(model_dir, base, out_dir, options, key_out=key_out, overwrite=overwrite, progress=not quiet)
     out.print(report.table(), highlight=False)
@@ -164,7 +206,7 @@ def attack(
     protected_dir: Annotated[Path, typer.Argument(help="The protected model, as published.")],
     base: Annotated[Path, typer.Option("--base", help="The public pretrained checkpoint.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the realigned model.")],
-    method: Annotated[str, typer.Option(help="permutation | scale | realign | realign+fill.")] = "realign",
+    method: Annotated[str, typer.Option(help="permutation | scale | realign | realign+fill | realign-matrix[+fill].")] = "realign",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -217,14 +259,31 @@ def demo(
     run_demo(out_dir, cache=cache, seed=seed, console=Console(width=160, highlight=False))
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM becomes an interrupt, so temporary output is removed on the way out
-    raise KeyboardInterrupt(f"signal {signum}")
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP, raised where the program is, so that cleanup code runs."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # SIGTERM and SIGHUP would otherwise kill the process without unwinding, leaving the
+    # temporary output folder behind. Later signals are ignored while the first one unwinds,
+    # so that a second Ctrl-C cannot cut the cleanup short.
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
 
 
 def main() -> None:
     """Console-script entry point."""
-    signal.signal(signal.SIGTERM, _terminate)
+    for sig in _SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # keep nohup's choice
+            signal.signal(sig, _interrupt)
     sys.exit(app())
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ from mergeshield.io.checkpoint import (
     atomic_output_dir,
     check_output_path,
     copy_non_weight_files,
+    structural_differences,
     tensor_digest,
     write_index,
     write_shard,
@@ -165,6 +167,12 @@ def _check_base(model: Checkpoint, base: Checkpoint, bound: BoundModel) -> dict[
         raise BaseMismatchError(
             f"model is {model.model_type!r} ({model.folder}) but base is {base.model_type!r} "
             f"({base.folder}). Pass the pretrained checkpoint the model was fine-tuned from."
+        )
+    diffs = structural_differences(model, base)
+    if diffs:
+        raise BaseMismatchError(
+            f"base {base.folder} and model {model.folder} differ in structure: {diffs[:4]}. The base "
+            "is not the model's pretrained checkpoint: pass the one it was fine-tuned from."
         )
     names = match_names(model.names, base.names)
     bound_names = sorted({bt.name for inst in bound.instances for bt in inst.tensors})
@@ -399,6 +407,7 @@ def _transformed(
 
 # ---- key files ------------------------------------------------------------------------------
 def _write_key(path: Path, transforms: list[Transform], meta: dict[str, object]) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     tensors = {}
@@ -415,9 +424,12 @@ def _write_key(path: Path, transforms: list[Transform], meta: dict[str, object])
     # byte-identical keys for identical inputs.
     header = {"mergeshield_key": json.dumps(meta, sort_keys=True)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
-        save_file(tensors, str(tmp), metadata=header)
+        try:
+            save_file(tensors, str(tmp), metadata=header)
+        except SafetensorError as exc:  # safetensors reports I/O errors (a full disk) this way
+            raise OSError(f"{tmp}: cannot write the key file ({exc})") from None
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

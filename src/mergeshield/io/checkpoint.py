@@ -35,8 +35,8 @@ __all__ = [
     "Shard",
     "atomic_output_dir",
     "check_output_path",
-    "tensor_digest",
     "structural_differences",
+    "tensor_digest",
 ]
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -61,14 +61,109 @@ class Shard:
         return stem.replace("pytorch_model", "model", 1) + ".safetensors"
 
 
+def _link_problem(path: Path, kind: str = "file") -> str | None:
+    """Why the symbolic link `path` cannot be followed (a loop, or a missing target), else None.
+
+    `kind` is what the link should lead to ("file" or "folder"), for the message.
+    """
+    if not path.is_symlink():
+        return None
+    target = os.readlink(path)
+    try:
+        path.stat()
+    except FileNotFoundError:
+        return (
+            f"{path}: is a symbolic link to {target!r}, which does not exist (a dangling link). If the "
+            f"folder is a Hugging Face cache snapshot, the {kind} it links to was deleted: download "
+            f"the model again. Otherwise point the link at the real {kind}, or put the real {kind} here."
+        )
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return (
+                f"{path}: is a symbolic link that never reaches a {kind} (a link loop: it points to "
+                f"{target!r}, which leads back to itself). Replace the link with the real {kind}."
+            )
+        return f"{path}: is a symbolic link to {target!r} that cannot be followed ({exc.strerror})."
+    return None
+
+
+def _require_file(path: Path, what: str, *, missing: str, allow_empty: bool = True) -> os.stat_result:
+    """Check that `path` is a regular file this process can read, else raise a `CheckpointError`.
+
+    Args:
+        path: the file.
+        what: what the file is for, e.g. ``"the weights"`` (used in the messages).
+        missing: the whole message when nothing at all exists at `path`.
+        allow_empty: whether a 0-byte file is acceptable.
+
+    Returns:
+        The file's ``stat`` (symlinks followed).
+    """
+    link = _link_problem(path)
+    if link is not None:
+        raise CheckpointError(link)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise CheckpointError(missing) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+        raise CheckpointError(f"{path}: cannot be accessed ({reason}); it should be {what}.") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(
+            f"{path}: is a folder, but it should be a file ({what}). Move the folder away and put the "
+            "real file there (save the model again with save_pretrained)."
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(
+            f"{path}: is not a regular file (it is a FIFO, socket or device), but it should be {what}. "
+            "Replace it with the real file."
+        )
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise CheckpointError(
+            f"{path}: permission denied: this user (uid {os.geteuid()}) cannot read it (mode "
+            f"{stat.filemode(st.st_mode)}, owner uid {st.st_uid}). mergeshield only reads its inputs; "
+            f"make the file readable (e.g. chmod a+r '{path}') or run as its owner."
+        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be opened ({exc.strerror}); it should be {what}.") from None
+    if not allow_empty and st.st_size == 0:
+        raise CheckpointError(
+            f"{path}: is empty (0 bytes), but it should be {what}. The download or save was "
+            "interrupted: download or save the model again."
+        )
+    return st
+
+
+def _plain_file_name(name: str) -> bool:
+    """True when `name` names a file directly inside a folder (no path parts, no '..')."""
+    return (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and Path(name).name == name
+    )
+
+
 class Checkpoint:
     """A Hugging Face checkpoint folder, read lazily one tensor at a time.
+
+    The weights are found the way transformers finds them: ``model.safetensors``, else
+    ``model.safetensors.index.json`` and its shards, else ``pytorch_model.bin``, else
+    ``pytorch_model.bin.index.json``. A tensor name held by two safetensors files of the folder
+    (two shards, or a single file and a shard) is refused as ambiguous.
 
     Args:
         folder: the folder with ``config.json`` and the weights.
 
     Raises:
-        CheckpointError: the folder, its config or its weights are missing, corrupt or unsafe.
+        CheckpointError: the folder, its config or its weights are missing, unreadable, corrupt,
+            ambiguous or unsafe.
 
     Example:
         >>> ckpt = Checkpoint("path/to/model")          # doctest: +SKIP
@@ -77,16 +172,11 @@ class Checkpoint:
 
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
-        if not self.folder.exists():
-            raise CheckpointError(f"{self.folder}: no such folder. Pass a Hugging Face model folder.")
-        if not self.folder.is_dir():
-            raise CheckpointError(
-                f"{self.folder} is a file, not a folder. Pass the folder that holds config.json and "
-                "the weights (a Hugging Face model folder)."
-            )
         self._handles: dict[Path, Any] = {}
         self._bin_cache: tuple[Path, dict[str, torch.Tensor]] | None = None
+        self._check_folder()
         self.config = self._read_config()
+        self.sharded = False  # True when the weights come with an index (kept in the output)
         self.shards = self._find_shards()
         self._where: dict[str, Shard] = {}
         for shard in self.shards:
@@ -98,21 +188,60 @@ class Checkpoint:
                         "inconsistent; re-save it with save_pretrained."
                     )
                 self._where[name] = shard
+        self._check_stray_safetensors()
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._load_meta()
+
+    def _check_folder(self) -> None:
+        link = _link_problem(self.folder, "folder")
+        if link is not None:
+            raise CheckpointError(link)
+        try:
+            st = self.folder.stat()
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"{self.folder}: no such folder. Pass a Hugging Face model folder (the one holding "
+                "config.json and the weights)."
+            ) from None
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise CheckpointError(f"{self.folder}: cannot be accessed ({reason}).") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise CheckpointError(
+                f"{self.folder} is a file, not a folder. Pass the folder that holds config.json and "
+                "the weights (a Hugging Face model folder)"
+                + (f", probably {self.folder.parent}." if self.folder.name in (
+                    "config.json", "model.safetensors", "pytorch_model.bin", SAFE_INDEX, BIN_INDEX) else ".")
+            )
+        try:
+            with os.scandir(self.folder) as entries:
+                next(entries, None)
+        except PermissionError:
+            raise CheckpointError(
+                f"{self.folder}: permission denied: this user (uid {os.geteuid()}) cannot list the folder "
+                f"(mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}). Make it readable (chmod a+rx)."
+            ) from None
 
     # ---- config ---------------------------------------------------------------------------
     def _read_config(self) -> dict[str, Any]:
         path = self.folder / "config.json"
-        if not path.is_file():
-            raise CheckpointError(
+        _require_file(
+            path,
+            "the model's JSON config",
+            missing=(
                 f"{self.folder}: no config.json. mergeshield needs the model's config to know its "
                 "architecture; copy config.json from where the model came from."
-            )
+            ),
+        )
         try:
-            config = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot be read as JSON ({exc}).") from None
+            config = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise CheckpointError(
+                f"{path}: cannot be read as JSON ({exc}). It is truncated or edited by hand: copy "
+                "config.json again from where the model came from."
+            ) from None
+        except OSError as exc:
+            raise CheckpointError(f"{path}: cannot be read ({exc.strerror}).") from None
         if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
             raise CheckpointError(
                 f"{path}: has no 'model_type' string. It is not a transformers config.json."
@@ -135,16 +264,25 @@ class Checkpoint:
 
     # ---- shards ---------------------------------------------------------------------------
     def _find_shards(self) -> list[Shard]:
-        for index_name, fmt in ((SAFE_INDEX, "safetensors"), (BIN_INDEX, "bin")):
-            index = self.folder / index_name
-            if index.is_file():
-                return self._shards_from_index(index, fmt)
+        # transformers' order (modeling_utils): single safetensors, safetensors index, bin, bin index.
+        # A layout whose file is present but broken (dangling link, loop, folder, unreadable,
+        # empty) is refused, not skipped: skipping would silently read another copy.
         single = self.folder / "model.safetensors"
-        if single.is_file():
+        if os.path.lexists(single):
+            self._require_weights(single)
             return [Shard(single, self._safetensors_names(single), "safetensors")]
+        index = self.folder / SAFE_INDEX
+        if os.path.lexists(index):
+            self.sharded = True
+            return self._shards_from_index(index, "safetensors")
         single_bin = self.folder / "pytorch_model.bin"
-        if single_bin.is_file():
+        if os.path.lexists(single_bin):
+            self._require_weights(single_bin)
             return [Shard(single_bin, tuple(self._load_bin(single_bin)), "bin")]
+        index = self.folder / BIN_INDEX
+        if os.path.lexists(index):
+            self.sharded = True
+            return self._shards_from_index(index, "bin")
         found = sorted(p.name for p in self.folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES))
         raise CheckpointError(
             f"{self.folder}: no weights found (looked for model.safetensors, {SAFE_INDEX}, "
@@ -152,23 +290,76 @@ class Checkpoint:
             "Save the model with save_pretrained() into this folder."
         )
 
-    def _shards_from_index(self, index: Path, fmt: str) -> list[Shard]:
+    def _require_weights(self, path: Path) -> None:
+        _require_file(
+            path,
+            "a weights file",
+            missing=f"{path}: does not exist. Download or save the model again.",
+            allow_empty=False,
+        )
+
+    def _read_index(self, index: Path, fmt: str) -> dict[str, str]:
+        """The index's ``weight_map`` (tensor name -> shard file name), validated."""
+        _require_file(
+            index,
+            "a JSON shard index",
+            missing=f"{index}: does not exist.",
+        )
+        expected = (
+            'A shard index is the JSON file save_pretrained writes next to the shards: '
+            '{"metadata": {...}, "weight_map": {"<tensor name>": "<shard file name>", ...}}. '
+            "Download it again, or re-save the model with save_pretrained."
+        )
         try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-            weight_map = data["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not a mapping")
-        except (json.JSONDecodeError, KeyError, TypeError, OSError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{index}: not a valid shard index ({exc!r}).") from None
-        files = sorted(set(weight_map.values()))
-        shards = []
-        for fname in files:
-            path = self.folder / fname
-            if Path(fname).name != fname or not path.is_file():
+            data = json.loads(index.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{index}: not a valid shard index: not JSON ({exc}). {expected}") from None
+        except OSError as exc:
+            raise CheckpointError(f"{index}: cannot be read ({exc.strerror}).") from None
+        if not isinstance(data, dict) or "weight_map" not in data:
+            found = sorted(map(str, data))[:6] if isinstance(data, dict) else type(data).__name__
+            raise CheckpointError(
+                f"{index}: not a valid shard index: it has no 'weight_map' (found {found}). {expected}"
+            )
+        weight_map = data["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(
+                f"{index}: not a valid shard index: 'weight_map' should be a non-empty mapping of "
+                f"tensor names to shard files, found {weight_map!r:.80}. {expected}"
+            )
+        bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise CheckpointError(
+                f"{index}: not a valid shard index: 'weight_map' maps {bad[0][0]!r} to {bad[0][1]!r:.60}, "
+                f"not a shard file name. {expected}"
+            )
+        suffix = ".safetensors" if fmt == "safetensors" else ".bin"
+        for fname in sorted(set(weight_map.values())):
+            if not _plain_file_name(fname):
                 raise CheckpointError(
-                    f"{index.name} lists shard {fname!r}, but {path} does not exist. The download "
-                    "is incomplete: fetch the missing shard again."
+                    f"{index}: names shard {fname!r}, which is not a file inside the model folder. Shard "
+                    "names must be plain file names next to the index (like "
+                    f"model-00001-of-00002{suffix}); mergeshield never reads files outside the model "
+                    "folder. Fix the index, or re-download the checkpoint."
                 )
+            if not fname.endswith(suffix):
+                raise CheckpointError(
+                    f"{index}: names shard {fname!r}, but a {index.name} lists {suffix} files only. "
+                    "Re-download the checkpoint or re-save it with save_pretrained."
+                )
+        return weight_map
+
+    def _shards_from_index(self, index: Path, fmt: str) -> list[Shard]:
+        weight_map = self._read_index(index, fmt)
+        shards = []
+        for fname in sorted(set(weight_map.values())):
+            path = self.folder / fname
+            if not os.path.lexists(path):
+                raise CheckpointError(
+                    f"{index.name} lists shard {fname!r}, but {path} does not exist. The download is "
+                    "incomplete: fetch the missing shard again."
+                )
+            self._require_weights(path)
             names = self._safetensors_names(path) if fmt == "safetensors" else tuple(self._load_bin(path))
             listed = {n for n, f in weight_map.items() if f == fname}
             missing = sorted(listed - set(names))
@@ -179,6 +370,16 @@ class Checkpoint:
                     "re-download the checkpoint or re-save it with save_pretrained."
                 )
             extra = sorted(set(names) - listed)
+            twice = [n for n in extra if n in weight_map]
+            if twice:
+                n = twice[0]
+                raise CheckpointError(
+                    f"{self.folder}: tensor {n!r} is stored in two shards: {weight_map[n]} (where "
+                    f"{index.name} says it is) and {path.name}"
+                    f"{f' (and {len(twice) - 1} more such tensor(s))' if len(twice) > 1 else ''}. "
+                    "Which copy is meant is ambiguous, so mergeshield refuses the checkpoint. Re-save "
+                    "it with save_pretrained (or re-download it)."
+                )
             if extra:
                 raise CheckpointError(
                     f"{path.name} holds {extra[:5]} which {index.name} does not list. The index and "
@@ -187,11 +388,44 @@ class Checkpoint:
             shards.append(Shard(path, names, fmt))
         return shards
 
+    def _check_stray_safetensors(self) -> None:
+        """Refuse a tensor that another, unused safetensors file of the folder also holds.
+
+        Such a folder mixes two saves (e.g. ``model.safetensors`` next to shards and their index,
+        or a stale shard the index no longer lists); which copy is meant is a guess.
+        """
+        if not self.shards or self.shards[0].fmt != "safetensors":
+            return
+        used = {s.path.name for s in self.shards}
+        for entry in sorted(self.folder.iterdir()):
+            if entry.name in used or not entry.name.endswith(".safetensors"):
+                continue
+            try:
+                if not entry.is_file() or entry.stat().st_size == 0:
+                    continue
+                with safe_open(entry, framework="pt") as f:
+                    names = set(f.keys())
+            except Exception:  # noqa: BLE001, S112 - an unused file we cannot read is not our concern
+                continue
+            both = sorted(names & self._where.keys())
+            if both:
+                using = "the single-file checkpoint" if len(self.shards) == 1 and self.shards[0].path.name == \
+                    "model.safetensors" else f"a shard listed in {SAFE_INDEX}"
+                raise CheckpointError(
+                    f"{self.folder}: tensor {both[0]!r} is stored in two files: "
+                    f"{self._where[both[0]].path.name} ({using}, the copy transformers reads) and "
+                    f"{entry.name}, which is not read"
+                    f"{f'; {len(both) - 1} more tensor(s) likewise' if len(both) > 1 else ''}. The "
+                    "folder mixes two saves, and which copy is meant is ambiguous. Move the file you "
+                    "do not want out of the folder (transformers would load model.safetensors first, "
+                    f"then {SAFE_INDEX})."
+                )
+
     def _safetensors_names(self, path: Path) -> tuple[str, ...]:
         try:
             with safe_open(path, framework="pt") as f:
                 return tuple(f.keys())
-        except (SafetensorError, OSError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes is corruption
             raise CheckpointError(
                 f"{path}: not a readable safetensors file ({exc}). It is truncated or corrupt: "
                 "download or save it again."
@@ -205,12 +439,15 @@ class Checkpoint:
         except pickle.UnpicklingError as exc:
             raise CheckpointError(
                 f"{path}: refused. This pickle file contains objects other than tensors (it would run "
-                f"code when loaded; torch said: {str(exc).splitlines()[0]}). mergeshield loads pickle "
-                "checkpoints only with weights_only=True. If you trust its source, convert it to "
-                "safetensors yourself; otherwise do not use it."
+                f"code when loaded; torch said: {str(exc).splitlines()[0] if str(exc) else exc!r}). "
+                "mergeshield loads pickle checkpoints only with weights_only=True. If you trust its "
+                "source, convert it to safetensors yourself; otherwise do not use it."
             ) from None
-        except (RuntimeError, OSError, EOFError, ValueError) as exc:
-            raise CheckpointError(f"{path}: cannot be loaded as a PyTorch checkpoint ({exc}).") from None
+        except Exception as exc:  # noqa: BLE001 - torch.load raises many types on corrupt bytes
+            raise CheckpointError(
+                f"{path}: cannot be loaded as a PyTorch checkpoint ({type(exc).__name__}: {exc}). It is "
+                "truncated or corrupt: download or save it again."
+            ) from None
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
         ):
@@ -223,8 +460,15 @@ class Checkpoint:
             if shard.fmt == "safetensors":
                 handle = self._handle(shard.path)
                 for name in shard.names:
-                    sl = handle.get_slice(name)
-                    self._meta[name] = (tuple(sl.get_shape()), _dtype_of(sl.get_dtype(), shard.path, name))
+                    try:
+                        sl = handle.get_slice(name)
+                        shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+                    except Exception as exc:  # noqa: BLE001 - corrupt header entries
+                        raise CheckpointError(
+                            f"{shard.path}: tensor {name!r} has an unreadable header entry ({exc}); the "
+                            "file is corrupt: download or save it again."
+                        ) from None
+                    self._meta[name] = (shape, _dtype_of(dtype, shard.path, name))
             else:
                 for name, t in self._load_bin(shard.path).items():
                     self._meta[name] = (tuple(t.shape), t.dtype)
@@ -233,8 +477,11 @@ class Checkpoint:
         if path not in self._handles:
             try:
                 self._handles[path] = safe_open(path, framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{path}: cannot be opened ({exc}).") from None
+            except Exception as exc:  # noqa: BLE001 - see _safetensors_names
+                raise CheckpointError(
+                    f"{path}: cannot be opened as safetensors ({exc}); the file is corrupt or changed "
+                    "while mergeshield was reading it."
+                ) from None
         return self._handles[path]
 
     # ---- tensors --------------------------------------------------------------------------
@@ -263,9 +510,12 @@ class Checkpoint:
             return self._load_bin(shard.path)[name].clone()
         try:
             return self._handle(shard.path).get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as exc:
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - corrupt bytes surface as many types
             raise CheckpointError(
-                f"{shard.path}: tensor {name!r} cannot be read ({exc}); the file is corrupt."
+                f"{shard.path}: tensor {name!r} cannot be read ({exc}); the file is corrupt: download "
+                "or save it again."
             ) from None
 
     def shard_metadata(self, shard: Shard) -> dict[str, str] | None:
@@ -274,12 +524,25 @@ class Checkpoint:
         return self._handle(shard.path).metadata()
 
     def non_weight_files(self) -> list[Path]:
-        """Files to copy unchanged to an output folder (config, tokenizer, README, ...)."""
+        """Files to copy unchanged to an output folder (config, tokenizer, README, ...).
+
+        Raises:
+            CheckpointError: one of them is a broken link or unreadable (the copy would lack it).
+        """
         weights = {s.path.name for s in self.shards} | {SAFE_INDEX, BIN_INDEX}
-        return sorted(
-            p for p in self.folder.iterdir()
-            if p.is_file() and p.name not in weights and not p.name.endswith(WEIGHT_SUFFIXES)
-        )
+        files = []
+        for p in sorted(self.folder.iterdir()):
+            if p.name in weights or p.name.endswith(WEIGHT_SUFFIXES):
+                continue
+            if p.is_symlink() and _link_problem(p) is not None:
+                raise CheckpointError(
+                    f"{_link_problem(p)} The protected copy would silently lack {p.name}: fix the link "
+                    "or remove it."
+                )
+            if p.is_file():
+                _require_file(p, "a file to copy to the output", missing=f"{p}: vanished while reading.")
+                files.append(p)
+        return files
 
     def close(self) -> None:
         self._handles.clear()
@@ -336,37 +599,90 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise OutputPathError(f"output {out} exists and is a file, not a folder.")
 
 
+def _remove_tree(path: Path) -> None:
+    """Remove `path` even if a second Ctrl-C arrives while removing it."""
+    for _ in range(5):
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 @contextlib.contextmanager
 def atomic_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; move it to `out` only if the block succeeds.
 
-    On any exception (including KeyboardInterrupt) the temporary folder is removed and `out`
-    is left as it was.
+    On any exception (including KeyboardInterrupt, and SIGTERM once the CLI has turned it into
+    one) the temporary folder is removed, parent folders created for `out` are removed again, and
+    `out` is left as it was. Temporary names carry the pid and a random part, so concurrent runs
+    (threads or processes) into different outputs never collide.
     """
     out = Path(out)
+    created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.mergeshield-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.mergeshield-tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
+    trash: Path | None = None
     try:
         yield tmp
         if out.exists():
             if not overwrite:
                 raise OutputPathError(f"output {out} appeared while writing; pass --overwrite.")
-            trash = out.parent / f".{out.name}.mergeshield-old-{uuid.uuid4().hex[:8]}"
+            trash = out.parent / f".{out.name}.mergeshield-old-{os.getpid()}-{uuid.uuid4().hex[:12]}"
             out.rename(trash)
             tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove_tree(trash)
         else:
             tmp.rename(out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
+        if trash is not None and trash.exists() and not out.exists():
+            trash.rename(out)  # interrupted between the two renames: put the old output back
+        for p in created:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
         raise
 
 
 def copy_non_weight_files(src: Checkpoint, dest: Path) -> None:
-    """Copy config, tokenizer, generation config, README... unchanged."""
+    """Copy config, tokenizer, generation config, README... and subfolders without weights unchanged.
+
+    Subfolders (sentence-transformers' ``1_Pooling/``, ...) are copied too. A subfolder that holds
+    weight files (a training ``checkpoint-500/``, an adapter) is refused: copying it would ship
+    unprotected weights inside the protected release, and leaving it out silently would lose it.
+    """
     for p in src.non_weight_files():
         shutil.copy2(p, dest / p.name)
+    for d in sorted(x for x in src.folder.iterdir() if x.is_dir() and not x.name.startswith(".")):
+        weights = sorted(str(f.relative_to(src.folder)) for f in d.rglob("*") if f.name.endswith(WEIGHT_SUFFIXES))
+        if weights:
+            raise CheckpointError(
+                f"{d}: this subfolder holds weight files ({weights[:3]}). Copying it would publish "
+                "unprotected weights with the protected model, and dropping it silently would lose it: "
+                "move it out of the model folder (e.g. training checkpoints) and run again."
+            )
+        shutil.copytree(d, dest / d.name, symlinks=False)
+
+
+def _write_error(path: Path, exc: BaseException) -> OSError:
+    """An OSError naming the file being written (safetensors reports I/O errors as SafetensorError)."""
+    code = exc.errno if isinstance(exc, OSError) and exc.errno else None
+    if code is None:
+        m = re.search(r"os error (\d+)", str(exc))
+        code = int(m.group(1)) if m else errno.EIO
+    hint = {
+        errno.ENOSPC: "the disk is full: free space or choose an output on another disk",
+        errno.EDQUOT: "the disk quota is exceeded: free space or choose an output on another disk",
+        errno.EFBIG: "the file exceeds the size limit for this process or file system",
+        errno.EACCES: "the output folder is not writable: choose another output",
+        errno.EROFS: "the file system is read-only: choose another output",
+    }.get(code, "see the cause above")
+    return OSError(
+        code,
+        f"{os.strerror(code)} while writing {path} ({exc}). The partial output is removed; {hint}, "
+        "then run again.",
+    )
 
 
 def write_shard(
@@ -375,15 +691,54 @@ def write_shard(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str] | None,
 ) -> None:
-    """Write one output shard as safetensors (tensors made contiguous and unshared)."""
+    """Write one output shard as safetensors (tensors made contiguous and unshared).
+
+    Raises:
+        OSError: the write failed (disk full, quota, permissions); the message names the file.
+    """
     clean = {n: t.detach().contiguous() for n, t in tensors.items()}
-    save_file(clean, str(dest / shard.output_name), metadata=dict(metadata or {"format": "pt"}))
+    path = dest / shard.output_name
+    try:
+        save_file(clean, str(path), metadata=dict(metadata or {"format": "pt"}))
+    except (SafetensorError, OSError) as exc:
+        raise _write_error(path, exc) from None
 
 
 def write_index(dest: Path, ckpt: Checkpoint, total_size: int) -> None:
-    """Write ``model.safetensors.index.json`` when the input was sharded."""
-    if len(ckpt.shards) == 1 and not (ckpt.folder / SAFE_INDEX).exists() and not (ckpt.folder / BIN_INDEX).exists():
+    """Write ``model.safetensors.index.json`` when the input was sharded (had an index)."""
+    if not ckpt.sharded:
         return
     weight_map = {name: shard.output_name for shard in ckpt.shards for name in shard.names}
     index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
     (dest / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+# Config keys that fix how tensors split into heads and layers. Two checkpoints with equal tensor
+# shapes can still disagree on these (e.g. 4 heads of 16 vs 8 heads of 8 dimensions).
+STRUCTURAL_KEYS = (
+    "num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "multi_query",
+    "hidden_size", "n_embd", "intermediate_size", "n_inner", "num_hidden_layers", "n_layer",
+    "position_embedding_type", "partial_rotary_factor", "rotary_dim",
+)
+
+
+def structural_differences(model: Checkpoint, base: Checkpoint) -> list[str]:
+    """Structural config values (heads, head size, widths, depth) on which two checkpoints differ.
+
+    Only keys present in both ``config.json`` files are compared, at the top level and in
+    sub-configs (``text_config``, ``vision_config``, ...). Returns ``"key: model X vs base Y"``
+    lines; empty when they agree.
+    """
+
+    def walk(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str) -> list[str]:
+        out = [
+            f"{prefix}{k}: model {a[k]!r} vs base {b[k]!r}"
+            for k in STRUCTURAL_KEYS
+            if k in a and k in b and a[k] != b[k]
+        ]
+        for k in sorted(a):
+            if k.endswith("_config") and isinstance(a[k], dict) and isinstance(b.get(k), dict):
+                out += walk(a[k], b[k], f"{prefix}{k}.")
+        return out
+
+    return walk(model.config, base.config, "")

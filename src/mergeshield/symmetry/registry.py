@@ -23,7 +23,7 @@ def load_family_file(text: str, source: str = "<string>") -> FamilySpec:
     """
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # PyYAML raises the latter two too
         raise SpecError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{source}: expected a mapping at the top level, found {type(data).__name__}")
