@@ -111,10 +111,16 @@ def main() -> None:
     ap.add_argument("--solvers", default="auto,block,random", help="protect solvers to time (exact is slow at 7b)")
     ap.add_argument("--no-mergekit", action="store_true")
     args = ap.parse_args()
+    import torch
+
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     base, ft = make_checkpoints(work, args.shape)
-    results: dict[str, object] = {"shape": args.shape, "params_b": None, "cpus": os.cpu_count()}
+    from mergeshield.io.checkpoint import Checkpoint
+
+    n_params = sum(int(torch.Size(s).numel()) for s in Checkpoint(ft).shapes().values())
+    results: dict[str, object] = {"shape": args.shape, "params_b": n_params / 1e9, "cpus": os.cpu_count()}
+    print(f"{args.shape}: {n_params / 1e9:.2f}B parameters, bfloat16, {len(Checkpoint(ft).shards)} shard(s)")
 
     copy = _timed(
         "from mergeshield.io.checkpoint import Checkpoint\n"
@@ -138,7 +144,6 @@ def main() -> None:
     import numpy as np
 
     from mergeshield.core.assignment import farthest_permutation, permutation_objective, unit_features
-    from mergeshield.io.checkpoint import Checkpoint
     from mergeshield.protect import bind_checkpoint
 
     bc, fc = Checkpoint(base), Checkpoint(ft)
