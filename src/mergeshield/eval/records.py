@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-__all__ = ["Record"]
+__all__ = ["Record", "Variant"]
 
 
 @dataclass(frozen=True)
@@ -29,3 +30,11 @@ class Record:
         d = asdict(self)
         d["lambda"] = d.pop("lam")
         return d
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    folder: Path
+    defense: str | None
+    attack: str | None

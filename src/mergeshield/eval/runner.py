@@ -14,7 +14,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from mergeshield.attack import attack, recovery
 from mergeshield.errors import MergeShieldError
 from mergeshield.eval.causal import CausalSuite
 from mergeshield.eval.config import EvalConfig, MergeSpec
-from mergeshield.eval.records import Record
+from mergeshield.eval.records import Record, Variant
 from mergeshield.eval.text import TextSuite
 from mergeshield.io.checkpoint import Checkpoint
 from mergeshield.merge.adamerging import adamerging
@@ -33,14 +32,6 @@ from mergeshield.merge.methods import make_method
 from mergeshield.protect import ProtectOptions, protect
 
 __all__ = ["Record", "Variant", "run_eval"]
-
-
-@dataclass(frozen=True)
-class Variant:
-    label: str
-    folder: Path
-    defense: str | None
-    attack: str | None
 
 
 def _mergekit(base: Path, models: list[Path], out: Path, spec: MergeSpec, lam: float | None, seed: int) -> None:
