@@ -96,7 +96,8 @@ def run_demo(out_dir: Path, *, cache: Path | None = None, seed: int = 0, console
         ft_dirs[name] = cached_finetune(base, task, cache / "demo", steps=steps, seed=seed)
 
     victim, partner = "bbc_topic", "rt_sentiment"
-    variants = _victims(ft_dirs[victim], base, out_dir, seed, console)
+    scratch = tempfile.TemporaryDirectory(dir=out_dir, prefix=".demo-")  # released variants, merges
+    variants = _victims(ft_dirs[victim], base, Path(scratch.name), seed, console)
 
     records: list[Record] = []
     labels = {n: np.asarray(t.test_labels) for n, t in tasks.items()}
@@ -117,7 +118,7 @@ def run_demo(out_dir: Path, *, cache: Path | None = None, seed: int = 0, console
         identical[v.label] = bool(np.array_equal(plain_preds, preds))
         record(victim, None, None, 1, v, preds)
 
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with scratch as tmp:
         for label, method in MERGES:
             for k, v in enumerate(variants):
                 merged = Path(tmp) / f"merged-{k}"

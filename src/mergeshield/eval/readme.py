@@ -11,8 +11,6 @@ import sys
 from pathlib import Path
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-HEADLINE = [("average", None), ("task_arithmetic", 0.3), ("task_arithmetic", 0.8), ("ties", 0.8),
-            ("dare_ties", 0.8), ("adamerging", None)]
 
 
 def _variant(r: dict) -> str:
@@ -24,6 +22,8 @@ def _variant(r: dict) -> str:
 def section(results: Path) -> str:
     """Markdown for one suite: the victim alone and merged (2 models), per release variant."""
     recs = [r for r in json.loads(results.read_text()) if r.get("note") is None]
+    for r in recs:  # the demo's first results were written with the field name "lam"
+        r.setdefault("lambda", r.get("lam"))
     victim = next(r["task"] for r in recs if r["protected"])
     suite = recs[0]["suite"]
     variants = list(dict.fromkeys(_variant(r) for r in recs if r["task"] == victim and not r["merged"]))
@@ -31,8 +31,9 @@ def section(results: Path) -> str:
     lines = [
         f"### {suite} (victim task: {victim}, chance {chance:.3f}, n_test {recs[0]['n_test']})",
         "",
-        f"Reproduce: `mergeshield eval configs/{suite}.yaml --out results/{suite}` "
-        f"(full report: [results/{suite}/report.md](results/{suite}/report.md)).",
+        (f"Reproduce: `mergeshield eval configs/{suite}.yaml --out results/{suite}` " if suite != "demo-minilm"
+         else "Reproduce: `bash scripts/demo.sh --out results/demo-minilm` ")
+        + f"(full report: [results/{results.parent.name}/report.md](results/{results.parent.name}/report.md)).",
         "",
         "| victim accuracy | " + " | ".join(variants) + " |",
         "|---|" + "---|" * len(variants),
@@ -47,13 +48,13 @@ def section(results: Path) -> str:
             lines.append(f"| {label} | " + " | ".join(vals) + " |")
 
     row("alone (UMP)", lambda r: not r["merged"])
-    for method, lam in HEADLINE:
-        label = method + ("" if lam is None else f" lam={lam:g}")
-        row(f"merged with 1 other, {label}", lambda r, m=method, la=lam: r["merged"] and r["merge_method"] == m
-            and r["n_models"] == 2 and r["engine"] == "mergeshield" and (la is None or r["lambda"] == la))
-    for method in ("task_arithmetic", "ties", "dare_ties", "breadcrumbs", "della", "model_stock"):
-        row(f"merged with 1 other, mergekit {method}", lambda r, m=method: r["merged"] and r["merge_method"] == m
-            and r["n_models"] == 2 and r["engine"] == "mergekit")
+    settings = dict.fromkeys((r["merge_method"], r["lambda"], r["engine"]) for r in recs
+                             if r["merged"] and r["n_models"] == 2 and r["task"] == victim)
+    for method, lam, engine in settings:
+        label = f"merged with 1 other: {method}" + ("" if lam is None or "lambda" in method else f" lam={lam:g}")
+        label += "" if engine == "mergeshield" else f" [{engine}]"
+        row(label, lambda r, m=method, la=lam, e=engine: r["merged"] and r["merge_method"] == m
+            and r["n_models"] == 2 and r["engine"] == e and r["lambda"] == la)
     return "\n".join(lines)
 
 
