@@ -620,11 +620,11 @@ def atomic_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> I
     """
     out = Path(out)
     created = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.mergeshield-tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
     trash: Path | None = None
-    try:
+    try:  # the folders are made inside the try, so an interrupt right after making them cleans up
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         yield tmp
         if out.exists():
             if not overwrite:
