@@ -612,3 +612,23 @@ def test_family_loader_turns_every_yaml_failure_into_a_spec_error(text):
     from fuzz_reader import check_family
 
     check_family(text)
+
+
+def test_a_signal_turned_into_another_error_by_native_code_still_exits_as_interrupted(monkeypatch):
+    """A signal's exception raised inside safetensors/torch can come back as a different error (seen:
+    a CheckpointError saying "corrupt"); the CLI must still report the interruption, 128+N."""
+    import typer
+
+    from mergeshield import cli
+
+    def reads_a_tensor() -> None:
+        raise CheckpointError("model.safetensors: tensor 'x' cannot be read (...); the file is corrupt")
+
+    wrapped = cli._handled(reads_a_tensor)
+    with pytest.raises(typer.Exit) as exc:
+        wrapped()
+    assert exc.value.exit_code == 2  # no signal: a real read error
+    monkeypatch.setattr(cli, "_received", [signal.SIGTERM])
+    with pytest.raises(typer.Exit) as exc:
+        wrapped()
+    assert exc.value.exit_code == 128 + signal.SIGTERM

@@ -64,7 +64,7 @@ def _handled(fn: F) -> F:
         from safetensors import SafetensorError
 
         try:
-            return fn(*args, **kwargs)
+            return _call(fn, *args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except (MergeShieldError, ValidationError, ValueError, OSError, SafetensorError, MemoryError) as exc:
@@ -73,7 +73,7 @@ def _handled(fn: F) -> F:
             err.print(f"error: {_message(exc)}", markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt as exc:
-            signum = getattr(exc, "signum", signal.SIGINT)
+            signum = getattr(exc, "signum", _received[0] if _received else signal.SIGINT)
             err.print(f"interrupted ({signal.Signals(signum).name}): stopped; temporary output was removed "
                       "and the inputs are unchanged", markup=False, soft_wrap=True)
             raise typer.Exit(128 + signum) from None
@@ -86,6 +86,19 @@ def _handled(fn: F) -> F:
             raise typer.Exit(3) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if not _received:
+            raise
+        # the signal's exception was raised inside native code (safetensors, torch), which turned it
+        # into some other error (seen: a CheckpointError saying "corrupt"): it is still an interruption
+        raise Interrupted(_received[0]) from exc
 
 
 @app.callback()
@@ -268,6 +281,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -276,6 +290,7 @@ def _interrupt(signum: int, frame: object) -> None:
     # so that a second Ctrl-C cannot cut the cleanup short.
     for sig in _SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _received.append(signum)
     raise Interrupted(signum)
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mergeshield.demo._data import TextTask
 
-__all__ = ["finetune_classifier", "cached_finetune", "predict", "accuracy", "default_cache_root"]
+__all__ = ["finetune_classifier", "cached_finetune", "save_atomic", "hash_file", "predict", "accuracy", "default_cache_root"]
 
 COMPLETE = ".mergeshield-complete"
 
@@ -69,10 +70,19 @@ def finetune_classifier(
         opt.zero_grad()
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+
+    return save_atomic(out_dir, write)
+
+
+def save_atomic(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` on a fresh folder beside `out_dir`, mark it complete, move it into place."""
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
         (tmp / COMPLETE).write_text("ok\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -83,7 +93,7 @@ def finetune_classifier(
     return out_dir
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -100,7 +110,7 @@ def cached_finetune(base_dir: Path, task: TextTask, cache_root: Path, **hp: obje
     import transformers
 
     h = hashlib.sha256()
-    h.update(_hash_file(Path(base_dir) / "model.safetensors").encode())
+    h.update(hash_file(Path(base_dir) / "model.safetensors").encode())
     h.update(json.dumps([task.name, task.labels, task.train_texts, task.train_labels]).encode())
     h.update(json.dumps(sorted(hp.items()), default=str).encode())
     h.update(f"{torch.__version__.split('+')[0]}|{transformers.__version__}".encode())

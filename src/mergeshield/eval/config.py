@@ -8,6 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mergeshield.demo._vision_model import ViTPretrain
 from mergeshield.errors import MergeShieldError
 from mergeshield.protect import ProtectOptions
 
@@ -56,8 +57,9 @@ class DefenseSpec(_Frozen):
 
 class EvalConfig(_Frozen):
     suite: str
-    kind: Literal["text", "causal"] = "text"
-    """``text``: MiniLM classifiers with per-task heads; ``causal``: SmolLM2 label-word generation."""
+    kind: Literal["text", "causal", "vision"] = "text"
+    """``text``: MiniLM classifiers with per-task heads; ``causal``: SmolLM2 label-word generation;
+    ``vision``: a self-pretrained ViT with per-task heads."""
     seed: int = 0
     tasks: list[TaskSpec] = Field(min_length=2)
     victim: str
@@ -70,10 +72,12 @@ class EvalConfig(_Frozen):
     """Pruning rates for the trade-off curve (measured with TA at lambda 0.8, attacked)."""
     max_length: int = 64
     base_model: Path | None = None
-    """A checkpoint folder with a tokenizer; default: the packaged all-MiniLM-L6-v2 (text) or
-    SmolLM2-135M-Instruct (causal)."""
+    """A checkpoint folder with a tokenizer; default: the packaged all-MiniLM-L6-v2 (text),
+    SmolLM2-135M-Instruct (causal), or the self-pretrained ViT built from `vit` (vision)."""
     train_layers: int = 4
     """Causal suite: fine-tune only the last this many decoder layers (CPU budget)."""
+    vit: ViTPretrain = ViTPretrain()
+    """Vision suite: shape and schedule of the self-pretrained ViT (ignored with `base_model`)."""
 
 
 def load_config(path: str | Path) -> EvalConfig:

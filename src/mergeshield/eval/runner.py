@@ -25,6 +25,7 @@ from mergeshield.eval.causal import CausalSuite
 from mergeshield.eval.config import EvalConfig, MergeSpec
 from mergeshield.eval.records import Record, Variant
 from mergeshield.eval.text import TextSuite
+from mergeshield.eval.vision import VisionSuite
 from mergeshield.io.checkpoint import Checkpoint
 from mergeshield.merge.adamerging import adamerging
 from mergeshield.merge.engine import merge_checkpoints
@@ -32,6 +33,8 @@ from mergeshield.merge.methods import make_method
 from mergeshield.protect import ProtectOptions, protect
 
 __all__ = ["Record", "Variant", "run_eval"]
+
+Suite = TextSuite | CausalSuite | VisionSuite
 
 
 def _mergekit(base: Path, models: list[Path], out: Path, spec: MergeSpec, lam: float | None, seed: int) -> None:
@@ -96,7 +99,7 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
 
     t0 = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    suite: TextSuite | CausalSuite = (TextSuite if config.kind == "text" else CausalSuite)(config, cache, log)
+    suite: Suite = {"text": TextSuite, "causal": CausalSuite, "vision": VisionSuite}[config.kind](config, cache, log)
     base = suite.base
     victim = config.victim
     partners = [t.name for t in config.tasks if t.name != victim]
@@ -187,7 +190,7 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
 
 
 def _merge_and_score(
-    suite: TextSuite | CausalSuite, spec: MergeSpec, lam: float | None, base: Path, models: list[Path], tasks: list[str],
+    suite: Suite, spec: MergeSpec, lam: float | None, base: Path, models: list[Path], tasks: list[str],
     work: Path, seed: int, log: Callable[[str], None],
 ) -> dict[str, float]:
     folder = work / "merged"
@@ -210,7 +213,7 @@ def _merge_and_score(
     return {t: suite.accuracy(t, folder) for t in tasks}
 
 
-def _adamerge_and_score(suite: TextSuite | CausalSuite, spec: MergeSpec, base: Path, models: list[Path], tasks: list[str]) -> dict[str, float]:
+def _adamerge_and_score(suite: Suite, spec: MergeSpec, base: Path, models: list[Path], tasks: list[str]) -> dict[str, float]:
     from mergeshield.io.naming import match_names
 
     b = {n: t.float() for n, t in _state(base).items() if t.is_floating_point()}
