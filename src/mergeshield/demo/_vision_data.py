@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import tarfile
@@ -97,6 +98,10 @@ def _fashion_dir(cache: Path) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         res = subprocess.run([apt, "download", FASHION_DEB], cwd=tmp, capture_output=True, text=True)
+        if res.returncode != 0 and hasattr(os, "geteuid") and os.geteuid() == 0:
+            # a fresh machine may have empty package lists: refresh them once and retry
+            subprocess.run([apt, "update", "-qq"], capture_output=True, text=True)
+            res = subprocess.run([apt, "download", FASHION_DEB], cwd=tmp, capture_output=True, text=True)
         debs = list(Path(tmp).glob("*.deb"))
         if res.returncode != 0 or not debs:
             raise MergeShieldError(

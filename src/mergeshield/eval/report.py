@@ -79,6 +79,12 @@ def write_report(config: EvalConfig, records: list[Any], extras: dict[str, Any],
                 continue
             vals = [f"{table[key][v]:.3f}" if v in table[key] else "" for v in variants]
             lines.append(f"| {task} | {chance[task]:.3f} | {key[1]} | " + " | ".join(vals) + " |")
+    if extras.get("failures"):
+        lines += ["", "## Merges that failed (the merge tool itself crashed; no accuracy exists)", "",
+                  "| engine | method | lambda | n | release | error (end) |", "|---|---|---|---|---|---|"]
+        for f in extras["failures"]:
+            err = " ".join(f["error"].split())[-160:].replace("|", "/")
+            lines.append(f"| {f['engine']} | {f['method']} | {f['lam']} | {f['n_models']} | {f['variant']} | {err} |")
     lines += ["", "## Robustness (victim task, merged with one partner)", ""]
     lines += _robustness(main, config, variants)
     if extras.get("recovery"):
@@ -114,6 +120,9 @@ def write_report(config: EvalConfig, records: list[Any], extras: dict[str, Any],
         lines.append(f"![{png}]({png})")
     lines += ["", f"Wall time {extras.get('wall_seconds', 0):.0f} s on {platform.machine()}, "
               f"{torch.get_num_threads()} torch threads, CPU."]
+    if extras.get("phase_seconds"):
+        lines += ["", "| phase | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in extras["phase_seconds"].items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 

@@ -104,7 +104,17 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
     victim = config.victim
     partners = [t.name for t in config.tasks if t.name != victim]
     records: list[Record] = []
-    extras: dict[str, object] = {"recovery": {}, "distances": {}}
+    extras: dict[str, object] = {"recovery": {}, "distances": {}, "phase_seconds": {}, "failures": []}
+    mark = [t0]
+
+    def phase(label: str) -> None:
+        """Log a finished phase with its own wall time (kept in extras.json and the report)."""
+        now = time.perf_counter()
+        secs, mark[0] = now - mark[0], now
+        extras["phase_seconds"][label] = round(secs, 1)  # type: ignore[index]
+        log(f"{label}: done ({secs:.0f} s; {now - t0:.0f} s in all)")
+
+    phase("data and fine-tuned task models (cached after the first run)")
     work = Path(tempfile.mkdtemp(prefix="mergeshield-eval-", dir=out_dir))
     try:
         # ---- release variants ------------------------------------------------------------------
@@ -119,13 +129,17 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
                 arep = attack(folder, base, att_folder, a, progress=False)
                 extras["recovery"][f"{d.name}/{a}"] = recovery(work / f"{d.name}.key", arep)  # type: ignore[index]
                 variants.append(Variant(f"{d.name}, {a}", att_folder, d.name, a))
-        log(f"release variants: {[v.label for v in variants]}")
+        phase(f"release variants {[v.label for v in variants]}")
+
+        partial = out_dir / "results.partial.json"
 
         def rec(task: str, method: str | None, lam: float | None, n: int, v: Variant, acc: float,
                 engine: str = "mergeshield", with_: list[str] | None = None, note: str | None = None) -> None:
             records.append(Record(config.suite, task, method, lam, n, v.defense is not None, method is not None,
                                   engine, acc, suite.chance(task), suite.n_test(task), v.defense, v.attack,
                                   with_, note))
+            # a long run that dies keeps what it measured (results.json appears only when complete)
+            partial.write_text(json.dumps([r.as_json() for r in records], indent=1) + "\n")
 
         # ---- standalone (UMP) -----------------------------------------------------------------
         for t in partners:
@@ -144,11 +158,21 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
                         if spec.engine == "mergekit" and v.attack is not None:
                             continue  # mergekit rows compare the released models only
                         models = [v.folder, *(suite.folders[m] for m in mates)]
-                        accs = _merge_and_score(suite, spec, lam, base, models, [victim, *mates], work, config.seed, log)
+                        try:
+                            accs = _merge_and_score(suite, spec, lam, base, models, [victim, *mates], work,
+                                                    config.seed, log)
+                        except MergeShieldError as exc:
+                            if spec.engine != "mergekit":
+                                raise
+                            # the free-rider's tool itself failed on these checkpoints: say so, go on
+                            extras["failures"].append(dict(  # type: ignore[attr-defined]
+                                engine=spec.engine, method=spec.method, lam=lam, n_models=n, variant=v.label,
+                                error=str(exc)[-400:]))
+                            log(f"{spec.engine} {spec.method} failed on {v.label}: {str(exc)[-200:]}")
+                            continue
                         for task, acc in accs.items():
                             rec(task, spec.method, lam, n, v, acc, spec.engine, [victim, *mates])
-                log(f"{spec.engine} {spec.method} n={spec.n_models} lam={spec.lam}: done "
-                    f"({time.perf_counter() - t0:.0f} s)")
+                phase(f"{spec.engine} {spec.method} n={n} lam={spec.lam}")
 
         # ---- the straight line from the base to the victim ------------------------------------
         if config.line_points:
@@ -159,7 +183,7 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
                     merge_checkpoints(base, [v.folder], folder, make_method("task_arithmetic", lam=alpha),
                                       extra="first", overwrite=True, progress=False)
                     rec(victim, "line", alpha, 1, v, suite.accuracy(victim, folder), note="interpolation")
-            log("line from base to victim: done")
+            phase("line from base to victim")
 
         # ---- pruning-rate trade-off -----------------------------------------------------------
         for rate in config.prune_curve:
@@ -176,12 +200,13 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
                                         [victim, partners[0]], work, config.seed, log)
                 for task, acc in accs.items():
                     rec(task, "task_arithmetic", 0.8, 2, v, acc, with_=[victim, partners[0]], note="prune-curve")
-            log(f"prune rate {rate}: done")
+            phase(f"prune rate {rate}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     seconds = time.perf_counter() - t0
     (out_dir / "results.json").write_text(json.dumps([r.as_json() for r in records], indent=1) + "\n")
+    (out_dir / "results.partial.json").unlink(missing_ok=True)
     extras["wall_seconds"] = seconds
     (out_dir / "extras.json").write_text(json.dumps(extras, indent=1) + "\n")
     write_report(config, records, extras, out_dir)
