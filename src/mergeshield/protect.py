@@ -26,7 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
-from mergeshield.core.assignment import choose_solver, farthest_permutation, permutation_objective, unit_features
+from mergeshield.core.numeric import all_finite
+from mergeshield.core.assignment import choose_solver, farthest_permutation, permutation_distances, unit_features
 from mergeshield.core.scales import ScaleLaw, pow2_exponent_bounds, sample_factors
 from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
 from mergeshield.errors import BaseMismatchError, KeyMismatchError, NumericError, OutputPathError
@@ -145,21 +146,25 @@ def _instance_rng(seed: int, instance_id: str) -> np.random.Generator:
     return np.random.default_rng([seed, digest])
 
 
-def _as_compute(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
+def _checked(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    """`t` itself, after refusing quantised dtypes and non-finite values."""
     if t.dtype not in FLOAT_DTYPES:
         raise NumericError(
             f"{where}: tensor {name!r} has dtype {t.dtype}. mergeshield transforms only float16, "
             "bfloat16, float32 and float64 weights; quantised (integer or float8) checkpoints would "
             "be mangled. Dequantise the checkpoint first."
         )
-    c = t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
-    if not torch.isfinite(c).all():
-        bad = int((~torch.isfinite(c)).sum())
+    if not all_finite(t):
+        bad = int((~torch.isfinite(t)).sum())
         raise NumericError(
             f"{where}: tensor {name!r} has {bad} NaN/Inf value(s). A model with non-finite weights "
             "cannot be protected or merged meaningfully; fix or re-export the checkpoint."
         )
-    return c
+    return t
+
+
+def _as_compute(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    return _checked(t, name, where).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
 def _check_base(model: Checkpoint, base: Checkpoint, bound: BoundModel) -> dict[str, str]:
@@ -262,24 +267,25 @@ def _plan(
         )
         if not enabled:
             continue
-        tuned = {bt.name: _as_compute(model.get(bt.name), bt.name, str(model.folder)) for bt in inst.tensors}
+        # a permutation needs only the unit features (float64, built from the stored dtype);
+        # scales work on float32/float64 copies
+        load = _checked if isinstance(space, PermutationSpace) else _as_compute
+        tuned = {bt.name: load(model.get(bt.name), bt.name, str(model.folder)) for bt in inst.tensors}
         pre = {
-            bt.name: _as_compute(base.get(names[bt.name]), names[bt.name], str(base.folder))
+            bt.name: load(base.get(names[bt.name]), names[bt.name], str(base.folder))
             for bt in inst.tensors
         }
-        pairs_tuned = [(tuned[bt.name], bt.binding) for bt in inst.tensors]
-        pairs_pre = [(pre[bt.name], bt.binding) for bt in inst.tensors]
         detail = ""
         if isinstance(space, PermutationSpace):
-            f_pre, f_tuned = unit_features(pairs_pre), unit_features(pairs_tuned)
+            f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors])
+            f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors])
+            del tuned, pre
             solver = choose_solver(options.solver, inst.size)
             perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(options.seed, inst.id))
             transform = Transform(inst.id, perm=perm)
             moved = float((perm != np.arange(len(perm))).mean())
             detail = f"{solver} solver, {moved:.0%} units moved"
-            task2 = permutation_objective(f_pre, f_tuned, np.arange(len(perm)))
-            after2 = permutation_objective(f_pre, f_tuned, perm)
-            base2 = float((f_pre**2).sum())
+            task2, after2, base2 = permutation_distances(f_pre, f_tuned, perm)
         else:
             assert isinstance(space, ScaleSpace)
             rng = _instance_rng(options.seed, inst.id)
@@ -389,7 +395,7 @@ def _transformed(
             reverse=inverse,
         )
         if not todo:
-            if t.dtype in FLOAT_DTYPES and not torch.isfinite(t).all():
+            if t.dtype in FLOAT_DTYPES and not all_finite(t):
                 raise NumericError(
                     f"{ckpt.folder}: tensor {name!r} has NaN/Inf values. Fix or re-export the checkpoint."
                 )

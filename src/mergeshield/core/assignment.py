@@ -21,6 +21,7 @@ __all__ = [
     "farthest_permutation",
     "closest_permutation",
     "permutation_objective",
+    "permutation_distances",
     "SOLVERS",
     "choose_solver",
 ]
@@ -42,8 +43,13 @@ def unit_features(tensors: Sequence[tuple[torch.Tensor, Binding]]) -> torch.Tens
     parts = []
     for t, binding in tensors:
         part = axis_view(t, binding).movedim(binding.axis, 0)
-        parts.append(part.reshape(part.shape[0], -1).to(torch.float64))  # (n_units, rest)
-    return torch.cat(parts, dim=1)
+        parts.append(part.reshape(part.shape[0], -1))  # (n_units, rest), stored dtype
+    out = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts), dtype=torch.float64)
+    at = 0
+    for part in parts:  # one converting copy per tensor, no float64 intermediates
+        out[:, at : at + part.shape[1]].copy_(part)
+        at += part.shape[1]
+    return out
 
 
 def _solve(cost: np.ndarray) -> np.ndarray:
@@ -109,18 +115,22 @@ def _greedy(cost: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _block(pre: torch.Tensor, tuned: torch.Tensor, block_size: int) -> np.ndarray:
     n = pre.shape[0]
-    # leading principal direction of the base units (a few power iterations suffice for sorting)
-    v = torch.ones(pre.shape[1], dtype=pre.dtype) / pre.shape[1] ** 0.5
-    centred = pre - pre.mean(0)
+    # float32 is plenty for a sort key and for block costs (the exact solver keeps float64)
+    pre, tuned = pre.float(), tuned.float()
+    # leading principal direction of the base units (a few power iterations suffice for sorting),
+    # without materialising the centred matrix: (X - 1m^T)^T w = X^T w - m sum(w)
+    mean = pre.mean(0)
+    v = torch.ones(pre.shape[1]) / pre.shape[1] ** 0.5
     for _ in range(8):
-        v = centred.T @ (centred @ v)
+        w = pre @ v - mean @ v
+        v = pre.T @ w - mean * w.sum()
         v = v / v.norm().clamp_min(1e-30)
     rows = np.argsort((pre @ v).numpy(), kind="stable")
     cols = np.argsort(-(tuned @ v).numpy(), kind="stable")
     perm = np.empty(n, dtype=np.int64)
     for start in range(0, n, block_size):
         r, c = rows[start : start + block_size], cols[start : start + block_size]
-        sub = (pre[torch.from_numpy(r)] @ tuned[torch.from_numpy(c)].T).numpy()  # (b, b)
+        sub = (pre[torch.from_numpy(r)] @ tuned[torch.from_numpy(c)].T).double().numpy()  # (b, b)
         perm[r] = c[_solve(sub)]
     return perm
 
@@ -133,3 +143,15 @@ def closest_permutation(pre: torch.Tensor, tuned: torch.Tensor) -> np.ndarray:
 def permutation_objective(pre: torch.Tensor, tuned: torch.Tensor, perm: np.ndarray) -> float:
     """``||pre - tuned[perm]||^2``."""
     return float(((pre - tuned[torch.from_numpy(perm)]) ** 2).sum())
+
+
+def permutation_distances(pre: torch.Tensor, tuned: torch.Tensor, perm: np.ndarray) -> tuple[float, float, float]:
+    """``(||pre - tuned||^2, ||pre - tuned[perm]||^2, ||pre||^2)`` from four dot products.
+
+    One pass each and no (n, F) temporaries but one gathered copy; in float64 features the
+    cancellation in ``a.a + b.b - 2 a.b`` costs about 1e-12 relative to ``||pre||^2``."""
+    p, t = pre.reshape(-1), tuned.reshape(-1)
+    pp, tt = float(p @ p), float(t @ t)
+    same = float(p @ t)
+    moved = float(p @ tuned.index_select(0, torch.from_numpy(perm)).reshape(-1))
+    return max(pp + tt - 2 * same, 0.0), max(pp + tt - 2 * moved, 0.0), pp

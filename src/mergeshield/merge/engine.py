@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from mergeshield.core.numeric import all_finite
 from mergeshield.errors import BaseMismatchError, NumericError
 from mergeshield.io.checkpoint import Checkpoint, check_output_path
 from mergeshield.io.naming import match_names
@@ -98,7 +99,7 @@ def merge_checkpoints(
                 if not b.is_floating_point():
                     return tuned[0]  # integer buffers (position ids) are copied
                 for t, m in zip([b, *tuned], [base, *models]):
-                    if not torch.isfinite(t).all():
+                    if not all_finite(t):
                         raise NumericError(f"{m.folder}: tensor {name!r} has NaN/Inf values.")
                 return merge_tensor(b, tuned, method, _generator(seed, bname))
             if extra == "first":
