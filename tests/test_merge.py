@@ -193,3 +193,34 @@ def test_our_merges_match_mergekit(tiny_pair, tmp_path, family, case):
     assert missing <= {"lm_head.weight"}, f"mergekit dropped {sorted(missing)}"
     for n in theirs:
         torch.testing.assert_close(ours[n], theirs[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 2, 3, 5])
+def test_streamed_average_and_task_arithmetic_equal_the_stacked_formula_bitwise(dtype, n):
+    """The no-sparsify path accumulates task vectors one at a time instead of stacking them; it must
+    give the same bytes as ``base + lam * stack(taus).sum(0)`` (committed results depend on it)."""
+    from mergeshield.merge.methods import make_method, merge_tensor
+
+    g = torch.Generator().manual_seed(n)
+    b = torch.randn(300, 129, generator=g).to(dtype)
+    ts = [(b.float() + 0.01 * torch.randn(300, 129, generator=g)).to(dtype) for _ in range(n)]
+    for method in (make_method("average"), make_method("task_arithmetic", lam=0.3)):
+        lam = 1 / n if method.lam is None else method.lam
+        bf = b.float()
+        ref = (bf + lam * torch.stack([t.float() - bf for t in ts]).sum(0)).to(dtype)
+        assert torch.equal(merge_tensor(b, ts, method), ref)
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 400), density=st.floats(0.001, 1.0), levels=st.integers(1, 50), seed=st.integers(0, 2**16))
+def test_topk_mask_by_selection_equals_a_stable_sort(n, density, levels, seed):
+    """TIES' top-k by kthvalue keeps exactly what a stable descending argsort keeps, ties included."""
+    from mergeshield.merge.methods import _topk_mask
+
+    g = torch.Generator().manual_seed(seed)
+    tau = torch.randint(-levels, levels + 1, (n,), generator=g).float() / levels  # many ties
+    k = max(1, int(density * n))
+    ref = torch.zeros(n, dtype=torch.bool)
+    ref[torch.argsort(tau.abs(), descending=True, stable=True)[:k]] = True
+    assert torch.equal(_topk_mask(tau, density), ref)

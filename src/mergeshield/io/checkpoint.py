@@ -571,7 +571,7 @@ def tensor_digest(name: str, tensor: torch.Tensor) -> bytes:
     """sha256 over a tensor's name, dtype, shape and bytes (for fingerprints)."""
     h = hashlib.sha256()
     h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # buffer protocol: no bytes copy
     return h.digest()
 
 

@@ -60,10 +60,15 @@ def make_method(name: str, **overrides: object) -> MergeMethod:
 
 
 def _topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """The ``k = density * numel`` largest magnitudes; among equal magnitudes at the threshold, the
+    lowest indices (what a stable descending sort would keep), found by selection in O(n)."""
     k = max(1, int(density * tau.numel()))
     flat = tau.abs().reshape(-1)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[torch.argsort(flat, descending=True, stable=True)[:k]] = True
+    kth = torch.kthvalue(flat, flat.numel() - k + 1).values  # the k-th largest magnitude
+    mask = flat > kth
+    need = k - int(mask.sum())
+    if need > 0:
+        mask[(flat == kth).nonzero().reshape(-1)[:need]] = True
     return mask.reshape(tau.shape)
 
 
@@ -88,6 +93,13 @@ def merge_tensor(
     """
     work = torch.float64 if base.dtype == torch.float64 else torch.float32
     b = base.to(work)
+    lam = (1.0 / len(tuned)) if method.lam is None else method.lam
+    if not method.drop and (method.density is None or method.density >= 1) and method.consensus != "sign":
+        # averaging / task arithmetic: accumulate task vectors one at a time (no (n, *shape) stack)
+        acc = tuned[0].to(work) - b
+        for t in tuned[1:]:
+            acc += t.to(work) - b
+        return (b + lam * acc).to(base.dtype)
     taus = torch.stack([t.to(work) - b for t in tuned])  # (n_models, *shape)
     if method.drop:
         if generator is None:
@@ -103,5 +115,4 @@ def merge_tensor(
         merged = (taus * agree).sum(0) / count
     else:
         merged = taus.sum(0)
-    lam = (1.0 / len(tuned)) if method.lam is None else method.lam
     return (b + lam * merged).to(base.dtype)
