@@ -309,6 +309,9 @@ def _plan(
                 # fused tensors (GPT-2 c_attn) appear once per chunk: measure only the chunk
                 task2 += float(((axis_view(tuned[bt.name], bt.binding) - axis_view(pre[bt.name], bt.binding)) ** 2).sum())
                 after2 += float(((axis_view(new, bt.binding) - axis_view(pre[bt.name], bt.binding)) ** 2).sum())
+        # unmap what this layer read: mapped input pages count as resident memory until released
+        model.release()
+        base.release()
         transforms.append(transform)
         reports.append(InstanceReport(inst.id, space.kind if isinstance(space, PermutationSpace) else f"scale-{space.role}",
                                       task2**0.5, after2**0.5, base2**0.5, detail))
@@ -351,6 +354,7 @@ def rewrite_checkpoint(
                 bar.update()
             write_shard(tmp, shard, tensors, template.shard_metadata(shard))
             del tensors
+            template.release()  # unmap this shard's input pages (reopened on demand)
         bar.close()
         write_index(tmp, template, total)
         fingerprint = fingerprint_of(digests)

@@ -548,6 +548,11 @@ class Checkpoint:
         self._handles.clear()
         self._bin_cache = None
 
+    def release(self) -> None:
+        """Unmap the safetensors files (reopened on demand): their touched pages count as resident
+        memory until then. A loaded ``.bin`` stays cached (reloading it would cost a full read)."""
+        self._handles.clear()
+
     def __enter__(self) -> Checkpoint:
         return self
 
