@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mergeshield.demo._data import TextTask
 
-__all__ = ["finetune_classifier", "cached_finetune", "save_atomic", "hash_file", "predict", "accuracy", "default_cache_root"]
+__all__ = ["finetune_classifier", "cached_finetune", "save_atomic", "hash_file", "train_steps", "predict", "accuracy", "default_cache_root"]
 
 COMPLETE = ".mergeshield-complete"
 
@@ -54,28 +54,42 @@ def finetune_classifier(
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / steps))
-    rng = np.random.default_rng(seed)
     texts, labels = list(task.train_texts), np.asarray(task.train_labels)
-    order: list[int] = []
-    bar = tqdm(range(steps), desc=f"fine-tuning {task.name}", unit="step", disable=not progress)
-    for _ in bar:
-        if len(order) < batch_size:
-            order += list(rng.permutation(len(texts)))
-        idx, order = order[:batch_size], order[batch_size:]
+
+    def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
         batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-        loss = model(**batch, labels=torch.as_tensor(labels[idx])).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+        return {**batch, "labels": torch.as_tensor(labels[idx])}
+
+    train_steps(model, len(texts), make_batch, opt, sched, steps=steps, batch_size=batch_size,
+                rng=np.random.default_rng(seed), desc=f"fine-tuning {task.name}", progress=progress)
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
 
     return save_atomic(out_dir, write)
+
+
+def train_steps(
+    model: torch.nn.Module, n_examples: int, make_batch: Callable[[list[int]], dict[str, torch.Tensor]],
+    opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, *, steps: int, batch_size: int,
+    rng: np.random.Generator, desc: str, progress: bool,
+) -> None:
+    """`steps` optimiser steps on batches from a seeded epoch-wise shuffle; leaves `model` in eval mode."""
+    model.train()
+    order: list[int] = []
+    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
+    for _ in bar:
+        if len(order) < batch_size:
+            order += list(rng.permutation(n_examples))
+        idx, order = order[:batch_size], order[batch_size:]
+        loss = model(**make_batch(idx)).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
 
 
 def save_atomic(out_dir: Path, write: Callable[[Path], None]) -> Path:

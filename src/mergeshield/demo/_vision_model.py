@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
-from mergeshield.demo._finetune import COMPLETE, save_atomic
+from mergeshield.demo._finetune import COMPLETE, save_atomic, train_steps
 from mergeshield.demo._vision_data import FASHION_CLASSES, ImageTask, fashion_mnist, pixel_values
 
 __all__ = ["ViTPretrain", "self_pretrained_vit", "cached_image_finetune", "image_processor"]
@@ -57,25 +56,13 @@ def _versions() -> str:
 def _train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, steps: int, batch_size: int,
            lr: float, seed: int, desc: str, warmup: int, progress: bool) -> None:
     """AdamW, linear warm-up then linear decay; batches from a seeded epoch-wise shuffle."""
-    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / max(warmup, 1), max(0.0, (steps - s) / max(steps - warmup, 1))))
-    rng = np.random.default_rng(seed)
-    order: list[int] = []
     y = torch.from_numpy(labels)
-    bar = tqdm(range(steps), desc=desc, unit="step", disable=not progress)
-    for _ in bar:
-        if len(order) < batch_size:
-            order += list(rng.permutation(len(images)))
-        idx, order = order[:batch_size], order[batch_size:]
-        loss = model(pixel_values=pixel_values(images[idx]), labels=y[idx]).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+    train_steps(model, len(images), lambda idx: {"pixel_values": pixel_values(images[idx]), "labels": y[idx]},
+                opt, sched, steps=steps, batch_size=batch_size, rng=np.random.default_rng(seed), desc=desc,
+                progress=progress)
 
 
 def self_pretrained_vit(cache_root: Path, spec: ViTPretrain = ViTPretrain(), *, seed: int = 0,
