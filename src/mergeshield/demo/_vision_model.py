@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from mergeshield.demo._finetune import COMPLETE, save_atomic, train_steps
+from mergeshield.demo._finetune import COMPLETE, save_atomic, train_steps, versions
 from mergeshield.demo._vision_data import FASHION_CLASSES, ImageTask, fashion_mnist, pixel_values
 
 __all__ = ["ViTPretrain", "self_pretrained_vit", "cached_image_finetune", "image_processor"]
@@ -47,12 +47,6 @@ def image_processor() -> object:
                              image_mean=[0.5], image_std=[0.5], size={"height": 28, "width": 28})
 
 
-def _versions() -> str:
-    import transformers
-
-    return f"{torch.__version__.split('+')[0]}|{transformers.__version__}"
-
-
 def _train(model: torch.nn.Module, images: np.ndarray, labels: np.ndarray, *, steps: int, batch_size: int,
            lr: float, seed: int, desc: str, warmup: int, progress: bool) -> None:
     """AdamW, linear warm-up then linear decay; batches from a seeded epoch-wise shuffle."""
@@ -73,7 +67,7 @@ def self_pretrained_vit(cache_root: Path, spec: ViTPretrain = ViTPretrain(), *, 
     cache_root = Path(cache_root)
     images, labels = fashion_mnist("train", cache_root)
     images, labels = images[: spec.n_images], labels[: spec.n_images]
-    h = hashlib.sha256(json.dumps([spec.model_dump(), seed, _versions()]).encode())
+    h = hashlib.sha256(json.dumps([spec.model_dump(), seed, versions()]).encode())
     h.update(images.tobytes())
     h.update(labels.tobytes())
     out = cache_root / "vision" / f"vit-self-pretrained-{h.hexdigest()[:12]}"
@@ -115,7 +109,7 @@ def cached_image_finetune(base_dir: Path, task: ImageTask, cache_root: Path, *, 
     from mergeshield.demo._finetune import hash_file
 
     h = hashlib.sha256(hash_file(Path(base_dir) / "model.safetensors").encode())
-    h.update(json.dumps([task.name, task.labels, steps, batch_size, lr, seed, _versions()]).encode())
+    h.update(json.dumps([task.name, task.labels, steps, batch_size, lr, seed, versions()]).encode())
     h.update(task.train_images.tobytes())
     h.update(task.train_labels.tobytes())
     out = Path(cache_root) / f"{task.name}-{h.hexdigest()[:12]}"

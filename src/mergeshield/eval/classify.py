@@ -99,8 +99,12 @@ class ClassifierSuite:
         On-disk and in-memory names can differ (transformers 5 renames ViT's ``encoder.layer.N.
         attention.attention.query`` to ``layers.N.attention.q_proj`` when loading): names are
         matched on disk, then carried to memory."""
-        model = self._model(task)
-        disk = _disk_to_memory(model)
+        maps = getattr(self, "_disk_maps", None)
+        if maps is None:
+            maps = self._disk_maps = {}
+        if task not in maps:  # the same for every call: a full state-dict walk, once per task
+            maps[task] = _disk_to_memory(self._model(task))
+        disk = maps[task]
         return {n: disk[d] for n, d in match_names(tensor_names, list(disk)).items()}
 
     def _load_encoder(self, task: str, model: torch.nn.Module, encoder: Mapping[str, torch.Tensor] | Path) -> None:
