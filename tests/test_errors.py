@@ -193,18 +193,30 @@ def test_failure_mid_write_leaves_no_output(pair, tmp_path, monkeypatch):
 
     base, ft = pair
     calls = {"n": 0}
-    real = io.save_file
+    real_init = io.ShardWriter.__init__
 
-    def full_disk(*args, **kwargs):
-        calls["n"] += 1
-        raise OSError(28, "No space left on device")
+    class FullDisk:  # the output file (header already written): the disk fills up on the fourth tensor
+        def __init__(self, f):
+            self.f = f
 
-    monkeypatch.setattr(io, "save_file", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+        def write(self, data):
+            calls["n"] += 1
+            if calls["n"] == 4:
+                raise OSError(28, "No space left on device")
+            return self.f.write(data)
+
+        def close(self):
+            self.f.close()
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._file = FullDisk(self._file)
+
+    monkeypatch.setattr(io.ShardWriter, "__init__", init)
+    with pytest.raises(OSError, match=r"No space left on device while writing .*model\.safetensors.*disk is full"):
         protect(ft, base, tmp_path / "out", key_out=tmp_path / "key", progress=False)
-    assert calls["n"] == 1 and not (tmp_path / "out").exists() and not (tmp_path / "key").exists()
+    assert calls["n"] == 4 and not (tmp_path / "out").exists() and not (tmp_path / "key").exists()
     assert _leftovers(tmp_path) == []
-    monkeypatch.setattr(io, "save_file", real)
 
 
 def test_sharded_index_naming_a_missing_shard(tmp_path):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tiny_models import TINY, build, save
 
@@ -414,14 +413,17 @@ def test_model_given_as_a_file_and_a_base_that_does_not_exist(pair, tmp_path):
 
 
 # ---- writing: real failures, atomicity, concurrency -------------------------------------------------
-def test_a_full_disk_reported_by_safetensors_is_an_oserror_naming_the_file(pair, tmp_path, monkeypatch):
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_real_full_disk_is_an_oserror_naming_the_file(pair, tmp_path, monkeypatch):
+    import builtins
+
     import mergeshield.io.checkpoint as io
 
-    def full(*args: object, **kwargs: object) -> None:  # what safetensors raises on ENOSPC
-        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    def full(path: object, mode: str = "r") -> object:  # every shard lands on /dev/full: ENOSPC
+        return builtins.open("/dev/full", mode)
 
     base, ft = pair
-    monkeypatch.setattr(io, "save_file", full)
+    monkeypatch.setattr(io, "open", full, raising=False)
     msg = _refused(ft, base, tmp_path, OSError, "No space left on device while writing", "model.safetensors",
                    "the disk is full")
     assert "[Errno 28]" in msg

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,7 +39,7 @@ from mergeshield.io.checkpoint import (
     structural_differences,
     tensor_digest,
     write_index,
-    write_shard,
+    ShardWriter,
 )
 from mergeshield.io.naming import match_names
 from mergeshield.symmetry.registry import family_for_model_type
@@ -332,29 +332,36 @@ def rewrite_checkpoint(
     progress: bool,
     desc: str,
     before_commit: Callable[[str], None] | None = None,
+    dtype_of: Callable[[str], torch.dtype] | None = None,
+    inputs: Sequence[Checkpoint] = (),
 ) -> str:
     """Write a checkpoint laid out like `template` whose tensors come from `produce(name)`.
 
     Shards, index and non-weight files follow the template; the folder appears at `out` only
-    when complete. Returns the fingerprint (sha256 over every output tensor's name, dtype, shape
-    and bytes). `before_commit(fingerprint)` may raise to abandon the output.
+    when complete. Tensors are streamed into their shard one by one (memory holds one output
+    tensor, not a shard); `dtype_of(name)` gives each output dtype (default: the template's).
+    After each shard the template and `inputs` are unmapped. Returns the fingerprint (sha256
+    over every output tensor's name, dtype, shape and bytes). `before_commit(fingerprint)` may
+    raise to abandon the output.
     """
+    dtype_of = dtype_of or template.dtype
     digests: dict[str, bytes] = {}
     total = 0
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         copy_non_weight_files(template, tmp)
         bar = tqdm(total=len(template.names), desc=desc, unit="tensor", disable=not progress)
         for shard in template.shards:
-            tensors = {}
-            for name in shard.names:
-                t = produce(name)
-                tensors[name] = t
-                digests[name] = tensor_digest(name, t)
-                total += t.numel() * t.element_size()
-                bar.update()
-            write_shard(tmp, shard, tensors, template.shard_metadata(shard))
-            del tensors
-            template.release()  # unmap this shard's input pages (reopened on demand)
+            specs = {name: (dtype_of(name), template.shape(name)) for name in shard.names}
+            with ShardWriter(tmp / shard.output_name, specs, template.shard_metadata(shard) or {"format": "pt"}) as writer:
+                for name in writer.order:
+                    t = produce(name)
+                    writer.write(name, t)
+                    digests[name] = tensor_digest(name, t)
+                    total += t.numel() * t.element_size()
+                    del t
+                    bar.update()
+            for ckpt in (template, *inputs):
+                ckpt.release()  # unmap this shard's input pages (reopened on demand)
         bar.close()
         write_index(tmp, template, total)
         fingerprint = fingerprint_of(digests)

@@ -167,7 +167,7 @@ def attack(
                     t = torch.where(holes, b, t)
                 return t
 
-        rewrite_checkpoint(prot_ckpt, out, produce, overwrite=overwrite, progress=progress, desc="writing")
+        rewrite_checkpoint(prot_ckpt, out, produce, overwrite=overwrite, progress=progress, desc="writing", inputs=[base])
     return report
 
 

@@ -13,6 +13,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -25,14 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import safe_open
 
 from mergeshield.errors import CheckpointError, OutputPathError
 
 __all__ = [
     "Checkpoint",
     "Shard",
+    "ShardWriter",
     "atomic_output_dir",
     "check_output_path",
     "structural_differences",
@@ -671,7 +672,7 @@ def copy_non_weight_files(src: Checkpoint, dest: Path) -> None:
 
 
 def _write_error(path: Path, exc: BaseException) -> OSError:
-    """An OSError naming the file being written (safetensors reports I/O errors as SafetensorError)."""
+    """An OSError naming the file being written, with a hint for the common causes."""
     code = exc.errno if isinstance(exc, OSError) and exc.errno else None
     if code is None:
         m = re.search(r"os error (\d+)", str(exc))
@@ -690,23 +691,92 @@ def _write_error(path: Path, exc: BaseException) -> OSError:
     )
 
 
-def write_shard(
-    dest: Path,
-    shard: Shard,
-    tensors: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, str] | None,
-) -> None:
-    """Write one output shard as safetensors (tensors made contiguous and unshared).
+# safetensors' dtype codes in the order of its Rust enum; its writer lays tensors out by this rank,
+# descending (so every tensor stays aligned to its element size), then by name.
+_ST_CODES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.float8_e5m2: "F8_E5M2",
+    torch.float8_e4m3fn: "F8_E4M3", torch.int16: "I16", torch.uint16: "U16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32", torch.float32: "F32",
+    torch.complex64: "C64", torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+}
+_ST_RANK = {d: k for k, d in enumerate(_ST_CODES)}
+
+
+class ShardWriter:
+    """Write one safetensors file tensor by tensor, so memory holds one tensor, not a shard.
+
+    Every name's dtype and shape are declared up front: the header (laid out exactly as
+    safetensors' own writer lays it out: same order, offsets and padding, hence the same bytes)
+    goes first, then each tensor's bytes as `write` receives them, in the order `order`.
 
     Raises:
         OSError: the write failed (disk full, quota, permissions); the message names the file.
+        ValueError: a tensor arrived out of order or differs from its declared dtype/shape.
     """
-    clean = {n: t.detach().contiguous() for n, t in tensors.items()}
-    path = dest / shard.output_name
-    try:
-        save_file(clean, str(path), metadata=dict(metadata or {"format": "pt"}))
-    except (SafetensorError, OSError) as exc:
-        raise _write_error(path, exc) from None
+
+    def __init__(
+        self,
+        path: Path,
+        specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: Mapping[str, str] | None,
+    ) -> None:
+        unknown = {str(d) for d, _ in specs.values() if d not in _ST_CODES}
+        if unknown:
+            raise ValueError(f"safetensors cannot store dtype(s) {sorted(unknown)}")
+        self.path = path
+        self.specs = dict(specs)
+        self.order = sorted(self.specs, key=lambda n: (-_ST_RANK[self.specs[n][0]], n))
+        header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+        offset = 0
+        for name in self.order:
+            dtype, shape = self.specs[name]
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _ST_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        self._next = 0
+        try:
+            self._file = open(path, "wb")  # noqa: SIM115 (closed in close/__exit__)
+            self._file.write(len(raw).to_bytes(8, "little") + raw)
+        except OSError as exc:
+            raise _write_error(path, exc) from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.order[self._next] if self._next < len(self.order) else None
+        if name != expected:
+            raise ValueError(f"{self.path.name}: got tensor {name!r}, expected {expected!r} next")
+        dtype, shape = self.specs[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"{self.path.name}: {name!r} was declared {dtype} {list(shape)} but is "
+                f"{tensor.dtype} {list(tensor.shape)}"
+            )
+        data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        try:
+            self._file.write(memoryview(data))
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
+        self._next += 1
+
+    def close(self) -> None:
+        """Close the file; raises ValueError if a declared tensor was never written."""
+        try:
+            self._file.close()
+        except OSError as exc:
+            raise _write_error(self.path, exc) from None
+        if self._next != len(self.order):
+            raise ValueError(f"{self.path.name}: {len(self.order) - self._next} declared tensor(s) never written")
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the output folder is abandoned anyway; keep the original error
+            with contextlib.suppress(OSError):
+                self._file.close()
 
 
 def write_index(dest: Path, ckpt: Checkpoint, total_size: int) -> None:

@@ -109,4 +109,11 @@ def merge_checkpoints(
                 raise BaseMismatchError(f"--extra average: {name!r} is missing or differs in shape across models.")
             return torch.stack([t.to(torch.float32) for t in same]).mean(0).to(same[0].dtype)  # type: ignore[union-attr]
 
-        return rewrite_checkpoint(first, out, produce, overwrite=overwrite, progress=progress, desc=f"merging ({method.name})")
+        def dtype_of(name: str) -> torch.dtype:
+            # merge_tensor returns the base's dtype; integer buffers and extras keep the first model's
+            if name in first_map and base.dtype(first_map[name]).is_floating_point:
+                return base.dtype(first_map[name])
+            return first.dtype(name)
+
+        return rewrite_checkpoint(first, out, produce, overwrite=overwrite, progress=progress,
+                                  desc=f"merging ({method.name})", dtype_of=dtype_of, inputs=[base, *models[1:]])
