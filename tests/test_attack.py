@@ -127,6 +127,9 @@ def test_key_describes_exactly_what_was_applied(tiny_pair, tmp_path):
         key = {t.instance_id: t for t in _read_key(tmp_path / f"{family}.key")[0]}
         p_ck, f_ck = Checkpoint(out), Checkpoint(ft)
         for inst in bind_checkpoint(p_ck).instances:
+            if inst.id not in key:  # head permutation: off by default, so not applied
+                assert "heads" in inst.id
+                continue
             t = key[inst.id]
             for bt in inst.tensors:
                 p = axis_view(p_ck.get(bt.name).double(), bt.binding).movedim(bt.binding.axis, 0)
@@ -177,3 +180,21 @@ def test_vo_mixing_is_refused_for_half_precision(tmp_path):
     with pytest.raises(NumericError, match="float32 copy"):
         protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(mix_vo=True), progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_realignment_recovers_head_permutation_under_scales(tiny_pair, tmp_path, family):
+    base, ft, _ = tiny_pair(family)
+    prep = protect(ft, base, tmp_path / "p", ProtectOptions(seed=5, permute_heads=True), key_out=tmp_path / "key", progress=False)
+    moved = any(r.kind == "heads" and ", 0% heads" not in r.detail for r in prep.instances)
+    assert moved or family == "qwen2"  # qwen2's tiny model has one K/V head
+    report = attack(tmp_path / "p", base, tmp_path / "a", "realign", progress=False)
+    rec = recovery(tmp_path / "key", report)
+    assert rec["heads_restored"] == 1.0 and rec["perm_units_restored"] == 1.0, rec
+    assert rec["scale_rel_err_median"] < 0.02 and rec["scale_rel_err_max"] < 0.2, rec
+    assert verify(ft, tmp_path / "a", rtol=1e-4).equivalent
+    w_ft, w_p, w_a = _weights(ft), _weights(tmp_path / "p"), _weights(tmp_path / "a")
+    assert _dist(w_a, w_ft) < 0.05 * _dist(w_p, w_ft)
+    # without the head step, the scales are matched against the wrong heads
+    blind = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "s", "scale", progress=False))
+    assert (blind["scale_rel_err_max"] > 0.2) == moved, blind

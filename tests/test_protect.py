@@ -203,3 +203,27 @@ def test_key_is_never_inside_the_published_folder(tiny_pair, tmp_path):
     protect(ft, base, tmp_path / "out", key_out=tmp_path / "key.safetensors", progress=False)
     blob = b"".join(p.read_bytes() for p in (tmp_path / "out").iterdir())
     assert b"perm::" not in blob and b"scale::" not in blob
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_permutation_preserves_function_and_round_trips(tiny_pair, tmp_path, family):
+    base, ft, _ = tiny_pair(family)
+    opts = ProtectOptions(seed=7, permute_heads=True)
+    report = protect(ft, base, tmp_path / "out", opts, key_out=tmp_path / "key", progress=False)
+    heads = [r for r in report.instances if r.kind == "heads"]
+    assert heads and all("heads" in r.id for r in heads)
+    single = family == "qwen2"  # one K/V head (MQA): nothing to reorder
+    assert single or any(", 0% heads" not in r.detail for r in heads), [r.detail for r in heads]
+    # heads are permuted after the scales: the report lists them last, the key keeps the order
+    kinds = [r.kind for r in report.instances]
+    assert kinds.index("heads") > max(i for i, k in enumerate(kinds) if k.startswith("scale"))
+    assert verify(ft, tmp_path / "out", rtol=1e-5).equivalent
+    unprotect(tmp_path / "out", tmp_path / "key", tmp_path / "restored", progress=False)
+    a, b = _weights(ft), _weights(tmp_path / "restored")
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-6, atol=1e-7, msg=n)
+    # and the heads really moved: the protected model differs from the scales-only one
+    protect(ft, base, tmp_path / "noheads", ProtectOptions(seed=7), progress=False)
+    assert _weights(tmp_path / "out").keys() == _weights(tmp_path / "noheads").keys()
+    moved = any(not torch.equal(x, _weights(tmp_path / "noheads")[n]) for n, x in _weights(tmp_path / "out").items())
+    assert moved != single

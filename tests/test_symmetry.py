@@ -108,6 +108,7 @@ def test_every_tiny_checkpoint_binds_completely(tiny_pair, family):
     ckpt = Checkpoint(ft)
     bound = bind(family_for_model_type(ckpt.model_type), ckpt.full_config(), ckpt.shapes())
     kinds = {inst.space.kind for inst in bound.instances}
-    assert kinds == {"permutation", "scale"}
+    assert kinds == {"permutation", "scale", "head_permutation"}
     layers = 2 * (2 if family == "clip" else 1)  # CLIP has two towers
     assert sum(inst.space.kind == "permutation" for inst in bound.instances) == layers
+    assert sum(inst.space.kind == "head_permutation" for inst in bound.instances) == layers

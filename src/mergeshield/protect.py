@@ -43,7 +43,7 @@ from mergeshield.io.checkpoint import (
 )
 from mergeshield.io.naming import match_names
 from mergeshield.symmetry.registry import family_for_model_type
-from mergeshield.symmetry.spec import BoundModel, PermutationSpace, ScaleSpace, SpaceInstance, bind
+from mergeshield.symmetry.spec import BoundModel, HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance, bind
 
 __all__ = [
     "ProtectOptions",
@@ -76,6 +76,10 @@ class ProtectOptions(BaseModel):
     """``auto``: powers of two for float16/bfloat16 checkpoints (exact in any binary float
     format, so the protected half-precision model computes bit-for-bit the same products),
     continuous factors for float32/float64."""
+    permute_heads: bool = False
+    """Beyond PaRaMS: reorder each layer's attention heads (K/V heads with their query-head
+    groups under GQA) by the assignment farthest from the base, after the scales. Off by
+    default: the default is PaRaMS as published."""
     mix_vo: bool = False
     """Beyond PaRaMS: instead of diagonal V/O scales, a random invertible matrix per K/V head
     (a random rotation times scale factors, condition number at most scale_high/scale_low),
@@ -258,33 +262,39 @@ def _plan(
             "drop --mix-vo to use power-of-two scales."
         )
     clamped = 0
-    for inst in tqdm(bound.instances, desc="planning", unit="layer", disable=not progress):
+    # Head permutations come last, so that the scales (planned on the tensors as stored, with
+    # their half-precision bounds) act on heads in their stored order; the key keeps this order.
+    instances = sorted(bound.instances, key=lambda i: isinstance(i.space, HeadPermutationSpace))
+    for inst in tqdm(instances, desc="planning", unit="layer", disable=not progress):
         space = inst.space
         enabled = (
-            options.permute_mlp
-            if isinstance(space, PermutationSpace)
+            options.permute_mlp if isinstance(space, PermutationSpace)
+            else options.permute_heads if isinstance(space, HeadPermutationSpace)
             else (options.scale_qk if space.role == "qk" else options.scale_vo)
         )
         if not enabled:
             continue
         # a permutation needs only the unit features (float64, built from the stored dtype);
         # scales work on float32/float64 copies
-        load = _checked if isinstance(space, PermutationSpace) else _as_compute
+        is_perm = isinstance(space, PermutationSpace | HeadPermutationSpace)
+        load = _checked if is_perm else _as_compute
         tuned = {bt.name: load(model.get(bt.name), bt.name, str(model.folder)) for bt in inst.tensors}
         pre = {
             bt.name: load(base.get(names[bt.name]), names[bt.name], str(base.folder))
             for bt in inst.tensors
         }
         detail = ""
-        if isinstance(space, PermutationSpace):
-            f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors])
-            f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors])
+        if is_perm:
+            units = inst.size if isinstance(space, HeadPermutationSpace) else None
+            f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors], units)
+            f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units)
             del tuned, pre
             solver = choose_solver(options.solver, inst.size)
             perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(options.seed, inst.id))
             transform = Transform(inst.id, perm=perm)
             moved = float((perm != np.arange(len(perm))).mean())
-            detail = f"{solver} solver, {moved:.0%} units moved"
+            what = "heads (distances before scaling)" if units else "units"
+            detail = f"{solver} solver, {moved:.0%} {what} moved"
             task2, after2, base2 = permutation_distances(f_pre, f_tuned, perm)
         else:
             assert isinstance(space, ScaleSpace)
@@ -313,7 +323,8 @@ def _plan(
         model.release()
         base.release()
         transforms.append(transform)
-        reports.append(InstanceReport(inst.id, space.kind if isinstance(space, PermutationSpace) else f"scale-{space.role}",
+        kind = "heads" if isinstance(space, HeadPermutationSpace) else space.kind if is_perm else f"scale-{space.role}"
+        reports.append(InstanceReport(inst.id, kind,
                                       task2**0.5, after2**0.5, base2**0.5, detail))
     if clamped:
         notes.append(

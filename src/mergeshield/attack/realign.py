@@ -31,23 +31,25 @@ import torch
 from tqdm.auto import tqdm
 
 from mergeshield.core.assignment import closest_permutation, unit_features
-from mergeshield.core.transforms import Transform, axis_view, expand_factors
+from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
 from mergeshield.io.checkpoint import Checkpoint, check_output_path
-from mergeshield.symmetry.spec import PermutationSpace, ScaleSpace, SpaceInstance
+from mergeshield.symmetry.spec import HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance
 
-__all__ = ["ATTACKS", "AttackReport", "attack", "estimate_permutation", "estimate_scales"]
+__all__ = ["ATTACKS", "AttackReport", "attack", "estimate_head_permutation", "estimate_permutation", "estimate_scales"]
 
 ATTACKS: dict[str, tuple[str, ...]] = {
     "permutation": ("permutation",),
     "scale": ("scale",),
-    "realign": ("scale", "permutation"),
-    "realign+fill": ("scale", "permutation", "fill"),
-    "realign-matrix": ("scale", "matrix", "permutation"),
-    "realign-matrix+fill": ("scale", "matrix", "permutation", "fill"),
+    "heads": ("heads",),
+    "realign": ("heads", "scale", "permutation"),
+    "realign+fill": ("heads", "scale", "permutation", "fill"),
+    "realign-matrix": ("heads", "scale", "matrix", "permutation"),
+    "realign-matrix+fill": ("heads", "scale", "matrix", "permutation", "fill"),
 }
-"""Registered attacks: name -> the steps it runs, in order. Scales first: they are estimated on
-attention tensors that permutations do not touch in PaRaMS, and an unscaled model makes the
-permutation matching cleaner where both act on one tensor."""
+"""Registered attacks: name -> the steps it runs, in order. Head order first (protect permutes
+heads last, and scales can only be matched once heads are back in place; the head matching is
+scale-invariant); then scales; MLP permutations touch other tensors. On a release without head
+permutation the head step finds (and applies) the identity."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class AttackReport:
     transforms: list[Transform] = field(default_factory=list)
     filled: int = 0
     """Entries filled from the base (``fill`` step)."""
+    steps: dict[str, str] = field(default_factory=dict)
+    """Instance id -> the step that estimated its transform."""
 
 
 def estimate_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
@@ -64,6 +68,22 @@ def estimate_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre
     f_prot = unit_features([(prot[bt.name], bt.binding) for bt in inst.tensors])
     f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors])
     return Transform(inst.id, perm=closest_permutation(f_pre, f_prot))
+
+
+def estimate_head_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
+    """Weight matching of whole heads, invariant to per-dimension scales: every row along a
+    bound axis (one dimension of one head) is normalised to unit length before matching."""
+
+    def features(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for bt in inst.tensors:
+            rows = axis_view(tensors[bt.name], bt.binding).movedim(bt.binding.axis, 0).double()
+            rows = rows.reshape(rows.shape[0], -1)
+            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+            parts.append(rows.reshape(inst.size, -1))  # (heads, dims_per_head * rest)
+        return torch.cat(parts, dim=1)
+
+    return Transform(inst.id, perm=closest_permutation(features(pre), features(prot)))
 
 
 def estimate_scales(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
@@ -140,21 +160,40 @@ def attack(
     with Checkpoint(protected_dir) as prot_ckpt, Checkpoint(base_dir) as base:
         bound = bind_checkpoint(prot_ckpt)
         names = _check_base(prot_ckpt, base, bound)
-        for inst in tqdm(bound.instances, desc=f"attack ({name})", unit="layer", disable=not progress):
-            is_perm = isinstance(inst.space, PermutationSpace)
-            as_matrix = (not is_perm and "matrix" in steps and isinstance(inst.space, ScaleSpace)
-                         and inst.space.rope == "none" and inst.space.role == "vo")
-            step = "permutation" if is_perm else ("matrix" if as_matrix else "scale")
-            if step not in steps:
-                continue
-            prot = {bt.name: prot_ckpt.get(bt.name).double() for bt in inst.tensors}
+        heads_est: dict[str, Transform] = {}
+
+        def current(tensor: str) -> torch.Tensor:
+            """The protected tensor with the head permutations estimated so far undone."""
+            t = prot_ckpt.get(tensor).double()
+            for hi in bound.by_tensor.get(tensor, ()):
+                if hi.id in heads_est:
+                    for bt in hi.tensors:
+                        if bt.name == tensor:
+                            t = apply_transform(t, bt.binding, hi, heads_est[hi.id])
+            return t
+
+        def step_of(inst: SpaceInstance) -> str:
+            if isinstance(inst.space, HeadPermutationSpace):
+                return "heads"
+            if isinstance(inst.space, PermutationSpace):
+                return "permutation"
+            assert isinstance(inst.space, ScaleSpace)
+            as_matrix = "matrix" in steps and inst.space.rope == "none" and inst.space.role == "vo"
+            return "matrix" if as_matrix else "scale"
+
+        todo = [(step, inst) for step in steps for inst in bound.instances if step_of(inst) == step]
+        for step, inst in tqdm(todo, desc=f"attack ({name})", unit="layer", disable=not progress):
+            prot = {bt.name: current(bt.name) for bt in inst.tensors}
             pre = {bt.name: base.get(names[bt.name]).double() for bt in inst.tensors}
-            if is_perm:
-                report.transforms.append(estimate_permutation(inst, prot, pre))
-            elif as_matrix:
-                report.transforms.append(estimate_mixing(inst, prot, pre))
-            else:
-                report.transforms.append(estimate_scales(inst, prot, pre))
+            estimate = {"heads": estimate_head_permutation, "permutation": estimate_permutation,
+                        "matrix": estimate_mixing, "scale": estimate_scales}[step]
+            transform = estimate(inst, prot, pre)
+            if step == "heads":
+                heads_est[inst.id] = transform
+            report.transforms.append(transform)
+            report.steps[inst.id] = step
+            prot_ckpt.release()
+            base.release()
         realigned = _transformed(prot_ckpt, bound, report.transforms)
         produce: Callable[[str], torch.Tensor] = realigned
         if "fill" in steps:
@@ -176,20 +215,25 @@ def recovery(key_path: str | os.PathLike[str], report: AttackReport) -> dict[str
 
     Returns:
         ``perm_units_restored``: fraction of MLP units put back in their original place;
+        ``heads_restored``: the same for attention heads (a release without head permutation
+        counts as the identity, so a head step that wrongly moves heads scores below 1);
         ``scale_rel_err_median`` / ``scale_rel_err_max``: relative error of recovered factors.
     """
     from mergeshield.protect import _read_key
 
     truth = {t.instance_id: t for t in _read_key(Path(key_path))[0]}
-    restored, total, errs, mix_errs = 0, 0, [], []
+    restored, total, errs, mix_errs = {"permutation": 0, "heads": 0}, {"permutation": 0, "heads": 0}, [], []
     for est in report.transforms:
         true = truth.get(est.instance_id)
+        if est.perm is not None:
+            # protected[i] = ft[true[i]]; attacked[i] = protected[est[i]] = ft[true[est[i]]]
+            true_perm = true.perm if true is not None and true.perm is not None else np.arange(len(est.perm))
+            kind = report.steps.get(est.instance_id, "permutation")
+            restored[kind] += int((true_perm[est.perm] == np.arange(len(est.perm))).sum())
+            total[kind] += len(est.perm)
+            continue
         if true is None:
             continue
-        if est.perm is not None and true.perm is not None:
-            # protected[i] = ft[true[i]]; attacked[i] = protected[est[i]] = ft[true[est[i]]]
-            restored += int((true.perm[est.perm] == np.arange(len(est.perm))).sum())
-            total += len(est.perm)
         elif est.factors is not None and true.factors is not None:
             errs.append(np.abs(true.factors * est.factors - 1.0))  # est holds 1/s_hat
         elif est.matrices is not None:
@@ -199,8 +243,10 @@ def recovery(key_path: str | os.PathLike[str], report: AttackReport) -> dict[str
             resid = np.einsum("hij,hjk->hik", est.matrices, true_m) - np.eye(est.matrices.shape[1])
             mix_errs.append(np.linalg.norm(resid, axis=(1, 2)) / np.sqrt(est.matrices.shape[1]))
     out: dict[str, float] = {}
-    if total:
-        out["perm_units_restored"] = restored / total
+    if total["permutation"]:
+        out["perm_units_restored"] = restored["permutation"] / total["permutation"]
+    if total["heads"]:
+        out["heads_restored"] = restored["heads"] / total["heads"]
     if mix_errs:
         out["matrix_rel_err_median"] = float(np.median(np.concatenate(mix_errs)))
     if errs:

@@ -36,14 +36,18 @@ random permutation. ``auto``: exact up to ``EXACT_MAX`` units, block above."""
 EXACT_MAX = 4096
 
 
-def unit_features(tensors: Sequence[tuple[torch.Tensor, Binding]]) -> torch.Tensor:
-    """Concatenate each unit's slices across bound tensors: ``(n_units, n_features)`` float64."""
+def unit_features(tensors: Sequence[tuple[torch.Tensor, Binding]], n_units: int | None = None) -> torch.Tensor:
+    """Concatenate each unit's slices across bound tensors: ``(n_units, n_features)`` float64.
+
+    By default every element of a bound axis is a unit (MLP neurons); with `n_units`, the axis
+    is cut into that many equal contiguous blocks (attention heads).
+    """
     from mergeshield.core.transforms import axis_view
 
     parts = []
     for t, binding in tensors:
         part = axis_view(t, binding).movedim(binding.axis, 0)
-        parts.append(part.reshape(part.shape[0], -1))  # (n_units, rest), stored dtype
+        parts.append(part.reshape(n_units or part.shape[0], -1))  # (n_units, rest), stored dtype
     out = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts), dtype=torch.float64)
     at = 0
     for part in parts:  # one converting copy per tensor, no float64 intermediates

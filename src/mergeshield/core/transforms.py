@@ -11,12 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergeshield.symmetry.spec import Binding, PermutationSpace, SpaceInstance
+from mergeshield.symmetry.spec import Binding, HeadPermutationSpace, PermutationSpace, SpaceInstance
 
 __all__ = [
     "Transform",
     "apply_transform",
     "expand_factors",
+    "element_index",
     "invert_permutation",
     "axis_view",
 ]
@@ -58,7 +59,7 @@ def expand_factors(instance: SpaceInstance, factors: np.ndarray, layout: str) ->
     ``h // (query_heads // heads)``).
     """
     space = instance.space
-    assert not isinstance(space, PermutationSpace)
+    assert not isinstance(space, PermutationSpace | HeadPermutationSpace)
     f = factors.reshape(instance.heads, -1)  # (kv_heads, per_head)
     if space.rope == "rotate_half":
         f = np.concatenate([f, f], axis=1)  # (kv_heads, head_dim)
@@ -67,6 +68,18 @@ def expand_factors(instance: SpaceInstance, factors: np.ndarray, layout: str) ->
     if layout == "q":
         f = np.repeat(f, instance.query_heads // instance.heads, axis=0)  # (q_heads, head_dim)
     return f.reshape(-1)
+
+
+def element_index(instance: SpaceInstance, binding: Binding, perm: np.ndarray) -> np.ndarray:
+    """A unit permutation as a gather index over a bound axis's elements.
+
+    MLP units are single elements; a head permutation moves blocks of ``head_dim`` elements
+    (``layout='q'``: the K/V head's whole group of query heads, ``head_dim * group`` elements).
+    """
+    if not isinstance(instance.space, HeadPermutationSpace):
+        return perm
+    block = instance.head_dim * (instance.query_heads // instance.heads if binding.layout == "q" else 1)
+    return (perm[:, None] * block + np.arange(block)).reshape(-1)
 
 
 def axis_view(t: torch.Tensor, binding: Binding) -> torch.Tensor:
@@ -101,7 +114,7 @@ def apply_transform(
     out = t.clone()
     part = axis_view(out, binding)
     if transform.perm is not None:
-        idx = invert_permutation(transform.perm) if inverse else transform.perm
+        idx = element_index(instance, binding, invert_permutation(transform.perm) if inverse else transform.perm)
         part.copy_(part.index_select(binding.axis, torch.from_numpy(idx).to(part.device)))
         return out
     if transform.matrices is not None:

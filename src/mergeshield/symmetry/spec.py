@@ -31,6 +31,7 @@ __all__ = [
     "Binding",
     "PermutationSpace",
     "ScaleSpace",
+    "HeadPermutationSpace",
     "Space",
     "FamilySpec",
     "BoundTensor",
@@ -103,7 +104,22 @@ class ScaleSpace(_Frozen):
     bindings: tuple[Binding, ...] = Field(min_length=2)
 
 
-Space = Annotated[PermutationSpace | ScaleSpace, Field(discriminator="kind")]
+class HeadPermutationSpace(_Frozen):
+    """Attention heads reordered as wholes: every binding's axis is laid out head by head, and
+    ``layout: q`` bindings (Q rows, O columns under GQA) move each K/V head's group of query
+    heads with it. RoPE does not constrain it (every head is rotated alike)."""
+
+    kind: Literal["head_permutation"]
+    name: str
+    heads: ConfigRef
+    """Number of heads that are permuted (K/V heads under GQA)."""
+    query_heads: ConfigRef | None = None
+    head_dim: ConfigRef
+    bindings: tuple[Binding, ...] = Field(min_length=2)
+
+
+Space = Annotated[PermutationSpace | ScaleSpace | HeadPermutationSpace, Field(discriminator="kind")]
+AnySpace = PermutationSpace | ScaleSpace | HeadPermutationSpace
 
 
 class FamilySpec(_Frozen):
@@ -182,10 +198,11 @@ class SpaceInstance:
 
     id: str
     """Stable identifier, e.g. ``bert.mlp.3``; keys the random stream and the key file."""
-    space: PermutationSpace | ScaleSpace
+    space: AnySpace
     tensors: tuple[BoundTensor, ...]
     size: int
-    """Permutation: number of units. Scale: number of free factors (before RoPE/GQA expansion)."""
+    """Permutation: number of units (heads for a head permutation). Scale: number of free
+    factors (before RoPE/GQA expansion)."""
     heads: int = 0
     query_heads: int = 0
     head_dim: int = 0
@@ -236,7 +253,7 @@ def bind(
             )
 
     groups: dict[str, dict[int, list[BoundTensor]]] = {}
-    group_space: dict[str, PermutationSpace | ScaleSpace] = {}
+    group_space: dict[str, AnySpace] = {}
     for space in family.spaces:
         for bi, binding in enumerate(space.bindings):
             rx = _template_regex(binding.tensor)
@@ -294,7 +311,7 @@ def bind(
 
 def _sized_instance(
     iid: str,
-    space: PermutationSpace | ScaleSpace,
+    space: AnySpace,
     tensors: tuple[BoundTensor, ...],
     config: Mapping[str, Any],
     shapes: Mapping[str, tuple[int, ...]],
@@ -310,10 +327,13 @@ def _sized_instance(
         head_dim = resolve_config(sub, space.head_dim)
         if qheads % heads:
             raise SpecError(f"{iid}: {qheads} query heads are not a multiple of {heads} K/V heads")
-        if space.rope != "none" and head_dim % 2:
-            raise SpecError(f"{iid}: RoPE needs an even head_dim, config gives {head_dim}")
-        per_head = head_dim // 2 if space.rope != "none" else head_dim
-        inst = SpaceInstance(iid, space, tensors, heads * per_head, heads, qheads, head_dim)
+        if isinstance(space, ScaleSpace):
+            if space.rope != "none" and head_dim % 2:
+                raise SpecError(f"{iid}: RoPE needs an even head_dim, config gives {head_dim}")
+            per_head = head_dim // 2 if space.rope != "none" else head_dim
+            inst = SpaceInstance(iid, space, tensors, heads * per_head, heads, qheads, head_dim)
+        else:
+            inst = SpaceInstance(iid, space, tensors, heads, heads, qheads, head_dim)
         expected = {
             bt.name: (qheads if bt.binding.layout == "q" else heads) * head_dim for bt in tensors
         }
