@@ -221,7 +221,7 @@ def attack(
     protected_dir: Annotated[Path, typer.Argument(help="The protected model, as published.")],
     base: Annotated[Path, typer.Option("--base", help="The public pretrained checkpoint.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the realigned model.")],
-    method: Annotated[str, typer.Option(help="permutation | scale | realign | realign+fill | realign-matrix[+fill].")] = "realign",
+    method: Annotated[str, typer.Option(help="heads | permutation | scale | realign | realign+fill | realign-matrix[+fill].")] = "realign",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -229,9 +229,11 @@ def attack(
     from mergeshield.attack import attack as _attack
 
     report = _attack(protected_dir, base, out_dir, method, overwrite=overwrite, progress=not quiet)
-    perms = sum(t.perm is not None for t in report.transforms)
-    scales = sum(t.factors is not None for t in report.transforms)
-    out.print(f"attack {method}: estimated {perms} permutation(s) and {scales} scale set(s); "
+    steps = list(report.steps.values())
+    counts = ", ".join(f"{steps.count(k)} {what}" for k, what in (
+        ("heads", "head order(s)"), ("scale", "scale set(s)"), ("matrix", "V/O matrix set(s)"),
+        ("permutation", "MLP permutation(s)")) if k in steps)
+    out.print(f"attack {method}: estimated {counts or 'nothing'}; "
               f"filled {report.filled} pruned entries from the base; wrote {report.out}")
 
 
