@@ -72,8 +72,17 @@ def test_eval_runs_end_to_end_and_reports(tiny_base, tmp_path):
     assert not (tmp_path / "out" / "results.partial.json").exists()  # only while running
     phases = json.loads((tmp_path / "out" / "extras.json").read_text())["phase_seconds"]
     assert any(k.startswith("mergekit task_arithmetic") for k in phases) and "| phase | seconds |" in report
-    for png in ("merged_vs_lambda.png", "basin_line.png", "distance_per_layer.png", "prune_tradeoff.png"):
+    for png in ("merged_vs_lambda.png", "basin_line.png", "distance_per_layer.png", "prune_tradeoff.png", "robustness.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000, png
+    # the report can be rendered again from the recorded files alone (same text)
+    import yaml
+
+    from mergeshield.eval.report import rerender
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(json.loads(cfg.model_dump_json())))
+    (tmp_path / "out" / "report.md").rename(tmp_path / "report.before.md")
+    rerender(tmp_path / "cfg.yaml", tmp_path / "out")
+    assert (tmp_path / "out" / "report.md").read_text() == (tmp_path / "report.before.md").read_text()
     # the fine-tunes are cached: a second run trains nothing
     before = sorted(p.name for p in (tmp_path / "cache" / "text").iterdir())
     run_eval(_config(tiny_base, merges=[dict(method="average")], line_points=0, prune_curve=[]),

@@ -11,7 +11,7 @@ import torch
 
 from mergeshield.eval.config import EvalConfig
 
-__all__ = ["write_report"]
+__all__ = ["rerender", "write_report"]
 
 
 def _variant(r: Any) -> str:
@@ -129,19 +129,56 @@ def write_report(config: EvalConfig, records: list[Any], extras: dict[str, Any],
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def _robustness_grid(main: list[Any], config: EvalConfig, variants: list[str]) -> tuple[list[str], dict[str, list[float | None]]]:
+    """Victim accuracy merged with one partner: the merge settings, and per variant one value each."""
+    settings: list[str] = []
+    for r in main:
+        if r.merged and r.n_models == 2 and r.task == config.victim and _setting(r) not in settings:
+            settings.append(_setting(r))
+    grid: dict[str, list[float | None]] = {}
+    for v in variants:
+        grid[v] = []
+        for s in settings:
+            hit = [r.accuracy for r in main if r.merged and r.task == config.victim and _setting(r) == s and _variant(r) == v]
+            grid[v].append(hit[0] if hit else None)
+    return settings, grid
+
+
 def _robustness(main: list[Any], config: EvalConfig, variants: list[str]) -> list[str]:
     lines = ["| merge | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    seen = []
-    for r in main:
-        if r.merged and r.n_models == 2 and r.task == config.victim and _setting(r) not in seen:
-            seen.append(_setting(r))
-    for s in seen:
-        vals = []
-        for v in variants:
-            hit = [r.accuracy for r in main if r.merged and r.task == config.victim and _setting(r) == s and _variant(r) == v]
-            vals.append(f"{hit[0]:.3f}" if hit else "")
+    settings, grid = _robustness_grid(main, config, variants)
+    for k, s in enumerate(settings):
+        vals = [f"{grid[v][k]:.3f}" if grid[v][k] is not None else "" for v in variants]
         lines.append(f"| {s} | " + " | ".join(vals) + " |")
     return lines
+
+
+def _robustness_plot(main: list[Any], config: EvalConfig, out: Path) -> str | None:
+    """Grouped bars: the victim's merged accuracy per merge setting, one bar per release variant."""
+    import matplotlib.pyplot as plt
+
+    variants = list(dict.fromkeys(_variant(r) for r in main if r.task == config.victim and not r.merged))
+    settings, grid = _robustness_grid(main, config, variants)
+    if not settings:
+        return None
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(min(12.0, max(6.0, 1.0 + 0.75 * len(settings))), 5.0))
+    for k, v in enumerate(variants):
+        xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(settings))]
+        ys = [y if y is not None else float("nan") for y in grid[v]]
+        ax.bar(xs, ys, width=width, label=v)
+    chance = next(r.chance for r in main if r.task == config.victim)
+    ax.axhline(chance, color="grey", ls=":", label="chance")
+    ax.set_xticks(range(len(settings)))
+    ax.set_xticklabels(settings, rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(f"{config.victim} accuracy, merged with one partner")
+    ax.set_title("Robustness: released as is vs. after the free-rider's attack")
+    ax.set_ylim(0, 1.18)
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
+    fig.tight_layout()
+    fig.savefig(out / "robustness.png", dpi=110)
+    plt.close(fig)
+    return "robustness.png"
 
 
 def _plots(config: EvalConfig, records: list[Any], extras: dict[str, Any], out: Path) -> list[str]:
@@ -151,6 +188,9 @@ def _plots(config: EvalConfig, records: list[Any], extras: dict[str, Any], out: 
     import matplotlib.pyplot as plt
 
     made = []
+    robust = _robustness_plot([r for r in records if r.note is None], config, out)
+    if robust:
+        made.append(robust)
     # merged accuracy vs lambda (task arithmetic, n=2), per variant and task
     ta = [r for r in records if r.merge_method == "task_arithmetic" and r.n_models == 2 and r.note is None
           and r.engine == "mergeshield"]
@@ -218,3 +258,25 @@ def _plots(config: EvalConfig, records: list[Any], extras: dict[str, Any], out: 
         plt.close(fig)
         made.append("prune_tradeoff.png")
     return made
+
+
+def rerender(config_path: str | Path, out: str | Path) -> None:
+    """Rewrite ``report.md`` and the plots of a finished run from its ``results.json`` and
+    ``extras.json`` (no model is run; the numbers are the recorded ones)."""
+    import json
+
+    from mergeshield.eval.config import load_config
+    from mergeshield.eval.records import Record
+
+    out = Path(out)
+    config = load_config(config_path)
+    rows = json.loads((out / "results.json").read_text())
+    records = [Record(**{("lam" if k == "lambda" else k): v for k, v in row.items()}) for row in rows]
+    extras = json.loads((out / "extras.json").read_text()) if (out / "extras.json").is_file() else {}
+    write_report(config, records, extras, out)
+
+
+if __name__ == "__main__":  # python -m mergeshield.eval.report CONFIG.yaml RESULTS_DIR
+    import sys
+
+    rerender(sys.argv[1], sys.argv[2])
