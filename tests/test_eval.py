@@ -69,7 +69,7 @@ def test_eval_runs_end_to_end_and_reports(tiny_base, tmp_path):
     assert all(0 <= r["accuracy"] <= 1 and r["n_test"] == 24 for r in data)
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| task | chance | setting |" in report and "Robustness" in report
-    assert not (tmp_path / "out" / "results.partial.json").exists()  # only while running
+    assert not (tmp_path / "out" / "results.partial.jsonl").exists()  # only while running
     phases = json.loads((tmp_path / "out" / "extras.json").read_text())["phase_seconds"]
     assert any(k.startswith("mergekit task_arithmetic") for k in phases) and "| phase | seconds |" in report
     for png in ("merged_vs_lambda.png", "basin_line.png", "distance_per_layer.png", "prune_tradeoff.png", "robustness.png"):

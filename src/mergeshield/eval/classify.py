@@ -20,13 +20,18 @@ __all__ = ["ClassifierSuite"]
 
 
 class ClassifierSuite:
-    """Subclasses set ``base``, ``tasks`` (objects with ``labels``, ``test_labels``, ``chance``)
-    and ``folders`` in ``__init__``, and implement `_load` and `_make_batches`."""
+    """Subclasses call ``super().__init__(config, base)``, then fill ``tasks`` (objects with
+    ``labels``, ``test_labels``, ``chance``) and ``folders``, and implement `_load` and
+    `_make_batches`."""
 
-    config: EvalConfig
-    base: Path
-    tasks: dict[str, Any]
-    folders: dict[str, Path]
+    def __init__(self, config: EvalConfig, base: Path) -> None:
+        self.config = config
+        self.base = base
+        self.tasks: dict[str, Any] = {}
+        self.folders: dict[str, Path] = {}
+        self._models: dict[str, tuple[torch.nn.Module, dict[str, torch.Tensor]]] = {}
+        self._batches: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = {}
+        self._disk_maps: dict[str, dict[str, str]] = {}
 
     def _load(self, folder: Path) -> torch.nn.Module:
         raise NotImplementedError
@@ -37,9 +42,7 @@ class ClassifierSuite:
     # ---- evaluation ----------------------------------------------------------------------------
     def _model(self, task: str) -> torch.nn.Module:
         """The task model as fine-tuned (loaded once, restored before every use)."""
-        cached = getattr(self, "_models", None)
-        if cached is None:
-            cached = self._models = {}
+        cached = self._models
         if task not in cached:
             model = self._load(self.folders[task]).eval()
             cached[task] = (model, {n: t.clone() for n, t in model.state_dict().items()})
@@ -48,9 +51,7 @@ class ClassifierSuite:
         return model
 
     def batches(self, task: str, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
-        store = getattr(self, "_batches", None)
-        if store is None:
-            store = self._batches = {}
+        store = self._batches
         if (task, batch_size) not in store:
             store[(task, batch_size)] = self._make_batches(task, batch_size)
         return store[(task, batch_size)]
@@ -99,9 +100,7 @@ class ClassifierSuite:
         On-disk and in-memory names can differ (transformers 5 renames ViT's ``encoder.layer.N.
         attention.attention.query`` to ``layers.N.attention.q_proj`` when loading): names are
         matched on disk, then carried to memory."""
-        maps = getattr(self, "_disk_maps", None)
-        if maps is None:
-            maps = self._disk_maps = {}
+        maps = self._disk_maps
         if task not in maps:  # the same for every call: a full state-dict walk, once per task
             maps[task] = _disk_to_memory(self._model(task))
         disk = maps[task]

@@ -131,7 +131,8 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
                 variants.append(Variant(f"{d.name}, {a}", att_folder, d.name, a))
         phase(f"release variants {[v.label for v in variants]}")
 
-        partial = out_dir / "results.partial.json"
+        partial = out_dir / "results.partial.jsonl"
+        partial.unlink(missing_ok=True)
 
         def rec(task: str, method: str | None, lam: float | None, n: int, v: Variant, acc: float,
                 engine: str = "mergeshield", with_: list[str] | None = None, note: str | None = None) -> None:
@@ -139,7 +140,8 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
                                   engine, acc, suite.chance(task), suite.n_test(task), v.defense, v.attack,
                                   with_, note))
             # a long run that dies keeps what it measured (results.json appears only when complete)
-            partial.write_text(json.dumps([r.as_json() for r in records], indent=1) + "\n")
+            with partial.open("a") as f:  # one JSON line per record, appended
+                f.write(json.dumps(records[-1].as_json()) + "\n")
 
         # ---- standalone (UMP) -----------------------------------------------------------------
         for t in partners:
@@ -206,7 +208,7 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
 
     seconds = time.perf_counter() - t0
     (out_dir / "results.json").write_text(json.dumps([r.as_json() for r in records], indent=1) + "\n")
-    (out_dir / "results.partial.json").unlink(missing_ok=True)
+    (out_dir / "results.partial.jsonl").unlink(missing_ok=True)
     extras["wall_seconds"] = seconds
     (out_dir / "extras.json").write_text(json.dumps(extras, indent=1) + "\n")
     write_report(config, records, extras, out_dir)

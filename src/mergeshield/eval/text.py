@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from mergeshield.demo._data import TextTask, load_task
+from mergeshield.demo._data import load_task
 from mergeshield.demo._finetune import cached_finetune
 from mergeshield.errors import MergeShieldError
 from mergeshield.eval.classify import ClassifierSuite
@@ -35,10 +35,7 @@ class TextSuite(ClassifierSuite):
     """Tasks, their fine-tuned checkpoints (cached) and evaluation with a swapped-in encoder."""
 
     def __init__(self, config: EvalConfig, cache: Path, log: Callable[[str], None] = print) -> None:
-        self.config = config
-        self.base = Path(config.base_model) if config.base_model else minilm_path()
-        self.tasks: dict[str, TextTask] = {}
-        self.folders: dict[str, Path] = {}
+        super().__init__(config, Path(config.base_model) if config.base_model else minilm_path())
         for spec in config.tasks:
             task = load_task(spec.name, n_train=spec.n_train, n_test=spec.n_test, seed=config.seed)
             self.tasks[spec.name] = task

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mergeshield.demo._vision_data import ImageTask, load_image_task, pixel_values
+from mergeshield.demo._vision_data import load_image_task, pixel_values
 from mergeshield.demo._vision_model import cached_image_finetune, self_pretrained_vit
 from mergeshield.eval.classify import ClassifierSuite
 from mergeshield.eval.config import EvalConfig
@@ -25,14 +25,12 @@ class VisionSuite(ClassifierSuite):
     """Image tasks on the self-pretrained ViT; fine-tuned checkpoints cached."""
 
     def __init__(self, config: EvalConfig, cache: Path, log: Callable[[str], None] = print) -> None:
-        self.config = config
         if config.base_model:
-            self.base = Path(config.base_model)
+            base = Path(config.base_model)
         else:
-            self.base = self_pretrained_vit(cache, config.vit, seed=config.seed)
-            log(f"self-pretrained ViT: {self.base}")
-        self.tasks: dict[str, ImageTask] = {}
-        self.folders: dict[str, Path] = {}
+            base = self_pretrained_vit(cache, config.vit, seed=config.seed)
+            log(f"self-pretrained ViT: {base}")
+        super().__init__(config, base)
         for spec in config.tasks:
             task = load_image_task(spec.name, n_train=spec.n_train, n_test=spec.n_test, seed=config.seed, cache=cache)
             self.tasks[spec.name] = task
