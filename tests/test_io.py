@@ -64,3 +64,19 @@ def test_writer_streams_non_contiguous_views(tmp_path):
     with ShardWriter(tmp_path / "x", {"t": (t.dtype, tuple(t.shape))}, {"format": "pt"}) as w:
         w.write("t", t)
     assert torch.equal(load_file(tmp_path / "x")["t"], t)
+
+
+def test_unmapping_inputs_mid_shard_changes_no_byte(tiny_pair, tmp_path, monkeypatch):
+    import importlib
+
+    prot = importlib.import_module("mergeshield.protect")  # the module (the package exports a function of that name)
+    from mergeshield import make_method, merge_checkpoints, protect
+
+    base, ft, ft2 = tiny_pair("llama")
+    for tag, limit in (("kept", prot.RELEASE_BYTES), ("released", 1)):  # 1: unmap after every tensor
+        monkeypatch.setattr(prot, "RELEASE_BYTES", limit)
+        protect(ft, base, tmp_path / f"p-{tag}", progress=False)
+        merge_checkpoints(base, [ft, ft2], tmp_path / f"m-{tag}", make_method("ties", lam=0.8), progress=False)
+    for kind in ("p", "m"):
+        a, b = (tmp_path / f"{kind}-{tag}" / "model.safetensors" for tag in ("kept", "released"))
+        assert a.read_bytes() == b.read_bytes()
