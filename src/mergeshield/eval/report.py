@@ -166,7 +166,8 @@ def _robustness_plot(main: list[Any], config: EvalConfig, out: Path) -> str | No
     for k, v in enumerate(variants):
         xs = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(settings))]
         ys = [y if y is not None else float("nan") for y in grid[v]]
-        ax.bar(xs, ys, width=width, label=v)
+        bars = ax.bar(xs, ys, width=width, label=v)
+        ax.bar_label(bars, fmt="%.2f", fontsize=5, rotation=90, padding=2)  # zeros stay readable
     chance = next(r.chance for r in main if r.task == config.victim)
     ax.axhline(chance, color="grey", ls=":", label="chance")
     ax.set_xticks(range(len(settings)))
