@@ -198,3 +198,44 @@ def test_realignment_recovers_head_permutation_under_scales(tiny_pair, tmp_path,
     # without the head step, the scales are matched against the wrong heads
     blind = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "s", "scale", progress=False))
     assert (blind["scale_rel_err_max"] > 0.2) == moved, blind
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qk_and_vo_mixing_with_head_permutation_fall_to_the_matrix_attack_only(tiny_pair, tmp_path, family):
+    """mix_qk (RoPE-compatible where RoPE applies) + mix_vo + head permutation: the function is
+    kept, the key restores the original, diagonal realignment fails, the matrix attack succeeds."""
+    base, ft, _ = tiny_pair(family)
+    opts = ProtectOptions(seed=3, mix_qk=True, mix_vo=True, permute_heads=True)
+    report = protect(ft, base, tmp_path / "p", opts, key_out=tmp_path / "key", progress=False)
+    assert any("rotation and scale (RoPE)" in r.detail for r in report.instances) == (family in ("llama", "mistral", "qwen2"))
+    assert verify(ft, tmp_path / "p", rtol=1e-4).equivalent
+    from mergeshield import unprotect
+
+    unprotect(tmp_path / "p", tmp_path / "key", tmp_path / "back", progress=False)
+    w_ft, w_p, back = _weights(ft), _weights(tmp_path / "p"), _weights(tmp_path / "back")
+    for n in w_ft:
+        torch.testing.assert_close(back[n], w_ft[n], rtol=1e-4, atol=1e-5)
+    diag = attack(tmp_path / "p", base, tmp_path / "diag", "realign", progress=False)
+    mat = attack(tmp_path / "p", base, tmp_path / "mat", "realign-matrix", progress=False)
+    rec = recovery(tmp_path / "key", mat)
+    assert rec["heads_restored"] == 1.0 and rec["perm_units_restored"] == 1.0, rec
+    assert rec["matrix_rel_err_median"] < 0.1, rec
+    assert verify(ft, tmp_path / "mat", rtol=1e-4).equivalent  # the estimates are function-preserving
+    assert verify(ft, tmp_path / "diag", rtol=1e-4).equivalent
+    d_prot = _dist(w_p, w_ft)
+    assert _dist(_weights(tmp_path / "mat"), w_ft) < 0.1 * d_prot
+    assert _dist(_weights(tmp_path / "diag"), w_ft) > 0.3 * d_prot  # diagonal scales cannot undo rotations
+    assert recovery(tmp_path / "key", diag)["heads_restored"] == 1.0  # the head matching is mixing-invariant
+
+
+def test_qk_mixing_is_refused_for_half_precision(tmp_path):
+    from tiny_models import build, save
+
+    from mergeshield.errors import NumericError
+
+    base = build("llama", 0)
+    save(base, tmp_path / "base", dtype=torch.float16)
+    save(build("llama", 1, finetune_of=base), tmp_path / "ft", dtype=torch.float16)
+    with pytest.raises(NumericError, match="mix_qk.*--mix-qk"):
+        protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(mix_qk=True), progress=False)
+    assert not (tmp_path / "out").exists()

@@ -124,6 +124,7 @@ def protect(
     scale_quantize: Annotated[str, typer.Option(help="auto (powers of two for fp16/bf16) | none | pow2.")] = _D["scale_quantize"].default,
     permute_heads: Annotated[bool, typer.Option(help="Also reorder attention heads (beyond PaRaMS).")] = _D["permute_heads"].default,
     mix_vo: Annotated[bool, typer.Option(help="Per-head invertible V/O mixing instead of diagonal scales (float32).")] = _D["mix_vo"].default,
+    mix_qk: Annotated[bool, typer.Option(help="Per-head invertible Q/K mixing, RoPE-compatible (float32).")] = _D["mix_qk"].default,
     solver: Annotated[str, typer.Option(help="MLP assignment: auto | exact | block | greedy | random.")] = _D["solver"].default,
     prune_rate: Annotated[float, typer.Option(help="Zero this fraction of transformed weights (changes the function).")] = _D["prune_rate"].default,
     key_out: Annotated[Path | None, typer.Option(help="Write a key file here (keep it private; not inside --out).")] = None,
@@ -137,7 +138,7 @@ def protect(
         seed=seed, permute_mlp=permute_mlp, scale_qk=scale_qk, scale_vo=scale_vo,
         scale_low=scale_low, scale_high=scale_high, scale_law=scale_law,  # type: ignore[arg-type]
         scale_quantize=scale_quantize, prune_rate=prune_rate, solver=solver, mix_vo=mix_vo,  # type: ignore[arg-type]
-        permute_heads=permute_heads,
+        permute_heads=permute_heads, mix_qk=mix_qk,
     )
     report = _protect(model_dir, base, out_dir, options, key_out=key_out, overwrite=overwrite, progress=not quiet)
     out.print(report.table(), highlight=False)

@@ -80,6 +80,11 @@ class ProtectOptions(BaseModel):
     """Beyond PaRaMS: reorder each layer's attention heads (K/V heads with their query-head
     groups under GQA) by the assignment farthest from the base, after the scales. Off by
     default: the default is PaRaMS as published."""
+    mix_qk: bool = False
+    """Beyond PaRaMS: instead of diagonal Q/K scales, a random invertible matrix ``M`` per K/V head
+    (Q rows times ``M``, K rows times ``M^-T``): without RoPE a random rotation times scale
+    factors; with RoPE a random rotation and scale of each rotated pair (a complex
+    multiplication, which commutes with RoPE's own rotation). float32/float64 checkpoints only."""
     mix_vo: bool = False
     """Beyond PaRaMS: instead of diagonal V/O scales, a random invertible matrix per K/V head
     (a random rotation times scale factors, condition number at most scale_high/scale_low),
@@ -238,6 +243,24 @@ def _mixing_matrices(rng: np.random.Generator, inst: SpaceInstance, options: Pro
     return out
 
 
+def _rope_mixing_matrices(rng: np.random.Generator, inst: SpaceInstance, options: ProtectOptions) -> np.ndarray:
+    """Per K/V head, on each RoPE pair (j, j + d/2 for ``rotate_half``, 2j, 2j+1 for
+    ``interleaved``): ``s R(phi)`` with a sampled scale ``s`` and a uniform angle ``phi``. RoPE
+    rotates each pair by a position-dependent angle; scaled rotations of the same plane commute
+    with it, so ``q.k`` keeps its value at every position."""
+    assert isinstance(inst.space, ScaleSpace) and inst.space.rope != "none"
+    d = inst.head_dim
+    half = np.arange(d // 2)
+    i, j = (half, half + d // 2) if inst.space.rope == "rotate_half" else (2 * half, 2 * half + 1)
+    out = np.zeros((inst.heads, d, d))
+    for h in range(inst.heads):
+        s = sample_factors(rng, d // 2, options.scale_low, options.scale_high, options.scale_law)
+        phi = rng.uniform(0.0, 2 * np.pi, d // 2)
+        c, sn = s * np.cos(phi), s * np.sin(phi)
+        out[h, i, i], out[h, j, j], out[h, j, i], out[h, i, j] = c, c, sn, -sn
+    return out
+
+
 def _plan(
     model: Checkpoint,
     base: Checkpoint,
@@ -255,11 +278,12 @@ def _plan(
         quantize = "pow2" if dtypes & set(HALF_DTYPES) else "none"
     if quantize == "pow2":
         notes.append("scale factors rounded to powers of two (exact in float16/bfloat16)")
-    if options.mix_vo and dtypes & set(HALF_DTYPES):
+    if (options.mix_vo or options.mix_qk) and dtypes & set(HALF_DTYPES):
+        flag = "--mix-vo" if options.mix_vo else "--mix-qk"
         raise NumericError(
-            "mix_vo: per-head mixing matrices cannot be applied exactly to float16/bfloat16 weights "
-            "(the protected model would not compute the same function). Protect a float32 copy, or "
-            "drop --mix-vo to use power-of-two scales."
+            f"{flag.lstrip('-').replace('-', '_')}: per-head mixing matrices cannot be applied exactly "
+            "to float16/bfloat16 weights (the protected model would not compute the same function). "
+            f"Protect a float32 copy, or drop {flag} to use power-of-two scales."
         )
     clamped = 0
     # Head permutations come last, so that the scales (planned on the tensors as stored, with
@@ -309,9 +333,11 @@ def _plan(
                 factors = np.exp2(bounded.astype(np.float64))
             transform = Transform(inst.id, factors=factors)
             detail = f"factors {factors.min():.3g}..{factors.max():.3g}"
-            if options.mix_vo and space.role == "vo":
-                transform = Transform(inst.id, matrices=_mixing_matrices(rng, inst, options))
-                detail = f"per-head mixing, condition <= {options.scale_high / options.scale_low:.3g}"
+            if (options.mix_vo and space.role == "vo") or (options.mix_qk and space.role == "qk"):
+                make = _mixing_matrices if space.rope == "none" else _rope_mixing_matrices
+                transform = Transform(inst.id, matrices=make(rng, inst, options))
+                kind = "per-head mixing" if space.rope == "none" else "per-pair rotation and scale (RoPE)"
+                detail = f"{kind}, condition <= {options.scale_high / options.scale_low:.3g}"
             task2 = after2 = base2 = 0.0
             for bt in inst.tensors:
                 base2 += float((axis_view(pre[bt.name], bt.binding) ** 2).sum())

@@ -11,6 +11,10 @@ weights stay close to the base, so each symmetry can be estimated by matching ag
   entries that are not exactly zero (so pruning does not bias the estimate). The two
   estimates are combined in log space, respecting RoPE pairs and GQA groups (rows that share a
   factor are pooled).
+- ``heads``: per layer, the order of attention heads, by how much of each base head's weights
+  lies outside the row space of each protected head (invariant to any mixing inside a head).
+- ``matrix``: per attention space, a general matrix per K/V head by least squares (undoes
+  ``mix_vo`` / ``mix_qk`` and diagonal scales alike; RoPE-compatible where RoPE applies).
 - ``fill``: entries that are exactly zero in the protected model but not in the base (pruning
   defenses) are filled from the base once aligned.
 
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from mergeshield.core.assignment import closest_permutation, unit_features
@@ -43,13 +48,15 @@ ATTACKS: dict[str, tuple[str, ...]] = {
     "heads": ("heads",),
     "realign": ("heads", "scale", "permutation"),
     "realign+fill": ("heads", "scale", "permutation", "fill"),
-    "realign-matrix": ("heads", "scale", "matrix", "permutation"),
-    "realign-matrix+fill": ("heads", "scale", "matrix", "permutation", "fill"),
+    "realign-matrix": ("heads", "matrix", "permutation"),
+    "realign-matrix+fill": ("heads", "matrix", "permutation", "fill"),
 }
 """Registered attacks: name -> the steps it runs, in order. Head order first (protect permutes
 heads last, and scales can only be matched once heads are back in place; the head matching is
-scale-invariant); then scales; MLP permutations touch other tensors. On a release without head
-permutation the head step finds (and applies) the identity."""
+invariant to any mixing inside a head); then per-dimension scales, or with ``matrix`` a general
+per-head matrix for every attention space (covers diagonal scales, ``mix_vo`` and ``mix_qk``;
+projected onto RoPE-compatible matrices where RoPE applies); MLP permutations touch other
+tensors. On a release without head permutation the head step finds (and applies) the identity."""
 
 
 @dataclass
@@ -61,6 +68,8 @@ class AttackReport:
     """Entries filled from the base (``fill`` step)."""
     steps: dict[str, str] = field(default_factory=dict)
     """Instance id -> the step that estimated its transform."""
+    instances: dict[str, SpaceInstance] = field(default_factory=dict)
+    """Instance id -> the space instance (sizes, for measuring recovery)."""
 
 
 def estimate_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
@@ -71,19 +80,26 @@ def estimate_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre
 
 
 def estimate_head_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
-    """Weight matching of whole heads, invariant to per-dimension scales: every row along a
-    bound axis (one dimension of one head) is normalised to unit length before matching."""
-
-    def features(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = []
-        for bt in inst.tensors:
-            rows = axis_view(tensors[bt.name], bt.binding).movedim(bt.binding.axis, 0).double()
-            rows = rows.reshape(rows.shape[0], -1)
-            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
-            parts.append(rows.reshape(inst.size, -1))  # (heads, dims_per_head * rest)
-        return torch.cat(parts, dim=1)
-
-    return Transform(inst.id, perm=closest_permutation(features(pre), features(prot)))
+    """Weight matching of whole heads, invariant to any invertible mixing inside a head (so to
+    per-dimension scales too): base head ``h`` is paired with protected head ``g`` by how much
+    of ``h``'s weights lies outside the row space of ``g``'s (the least-squares residual of
+    ``min_A ||B_h - A P_g||``), summed over the bound matrices; biases carry no such signal."""
+    cost = torch.zeros(inst.size, inst.size, dtype=torch.float64)
+    for bt in inst.tensors:
+        if prot[bt.name].dim() < 2:
+            continue
+        blocks = []
+        for src in (prot, pre):
+            t = axis_view(src[bt.name], bt.binding).movedim(bt.binding.axis, 0).double()
+            blocks.append(t.reshape(inst.size, t.shape[0] // inst.size, -1))  # (heads, rows, rest)
+        p, b = blocks
+        basis = torch.linalg.qr(p.transpose(1, 2)).Q  # (heads, rest, rows): row space of each protected head
+        # ||B_h Q_g||^2 for every pair (h, g): the part of base head h inside protected head g's span
+        inside = torch.einsum("hrc,gck->hgrk", b, basis).pow(2).sum((2, 3))
+        cost += (b.pow(2).sum((1, 2))[:, None] - inside)
+    # gather index: new head i = protected head perm[i], chosen to sit where base head i sits
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return Transform(inst.id, perm=cols[np.argsort(rows)].astype(np.int64))
 
 
 def estimate_scales(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
@@ -112,20 +128,33 @@ def estimate_scales(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dic
 def estimate_mixing(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
     """Least squares for a general invertible matrix per K/V head (covers diagonal scales too).
 
-    From the primal side (V rows and bias, ``P = M V``): ``A = B P^T (P P^T)^-1 ~ M^-1`` with the
-    base's ``B ~ V``. Returns the transform that undoes it (``matrices = A``).
+    From the primal side (V or Q rows and bias, ``P = M V``): ``A = B P^T (P P^T)^-1 ~ M^-1``
+    with the base's ``B ~ V``; the query heads of a GQA group all count for their K/V head.
+    Under RoPE the estimate is projected onto scaled rotations of each rotated pair (the only
+    matrices that commute with RoPE), so that applying it keeps the function. Returns the
+    transform that undoes it (``matrices = A``).
     """
     ps, bs = [], []
+    d = inst.head_dim
     for bt in inst.tensors:
         if bt.binding.inverse:
             continue
-        p = axis_view(prot[bt.name], bt.binding).movedim(bt.binding.axis, 0).double()
-        b = axis_view(pre[bt.name], bt.binding).movedim(bt.binding.axis, 0).double()
-        ps.append(p.reshape(inst.heads, inst.head_dim, -1))  # (heads, d, cols)
-        bs.append(b.reshape(inst.heads, inst.head_dim, -1))
+        for src, out in ((prot, ps), (pre, bs)):
+            t = axis_view(src[bt.name], bt.binding).movedim(bt.binding.axis, 0).double()
+            group = inst.query_heads // inst.heads if bt.binding.layout == "q" else 1
+            t = t.reshape(inst.heads, group, d, -1).transpose(1, 2)  # (heads, d, group, cols)
+            out.append(t.reshape(inst.heads, d, -1))
     p, b = torch.cat(ps, dim=2), torch.cat(bs, dim=2)
     gram = p @ p.transpose(1, 2)  # (heads, d, d)
     a = torch.linalg.solve(gram, (b @ p.transpose(1, 2)).transpose(1, 2)).transpose(1, 2)
+    rope = inst.space.rope if isinstance(inst.space, ScaleSpace) else "none"
+    if rope != "none":  # nearest s R(phi) on each pair (i, j): the Frobenius projection
+        half = torch.arange(d // 2)
+        i, j = (half, half + d // 2) if rope == "rotate_half" else (2 * half, 2 * half + 1)
+        c = (a[:, i, i] + a[:, j, j]) / 2
+        sn = (a[:, j, i] - a[:, i, j]) / 2
+        a = torch.zeros_like(a)
+        a[:, i, i], a[:, j, j], a[:, j, i], a[:, i, j] = c, c, sn, -sn
     return Transform(inst.id, matrices=a.numpy())
 
 
@@ -178,8 +207,7 @@ def attack(
             if isinstance(inst.space, PermutationSpace):
                 return "permutation"
             assert isinstance(inst.space, ScaleSpace)
-            as_matrix = "matrix" in steps and inst.space.rope == "none" and inst.space.role == "vo"
-            return "matrix" if as_matrix else "scale"
+            return "matrix" if "matrix" in steps else "scale"
 
         todo = [(step, inst) for step in steps for inst in bound.instances if step_of(inst) == step]
         for step, inst in tqdm(todo, desc=f"attack ({name})", unit="layer", disable=not progress):
@@ -192,6 +220,7 @@ def attack(
                 heads_est[inst.id] = transform
             report.transforms.append(transform)
             report.steps[inst.id] = step
+            report.instances[inst.id] = inst
             prot_ckpt.release()
             base.release()
         realigned = _transformed(prot_ckpt, bound, report.transforms)
@@ -238,8 +267,12 @@ def recovery(key_path: str | os.PathLike[str], report: AttackReport) -> dict[str
             errs.append(np.abs(true.factors * est.factors - 1.0))  # est holds 1/s_hat
         elif est.matrices is not None:
             # est holds A ~ M^-1; the residual of A M from the identity, per head
-            true_m = true.matrices if true.matrices is not None else np.stack(
-                [np.diag(f) for f in true.factors.reshape(est.matrices.shape[0], -1)])  # type: ignore[union-attr]
+            if true.matrices is not None:
+                true_m = true.matrices
+            else:  # diagonal scales, expanded over RoPE pairs, as a matrix per K/V head
+                assert true.factors is not None
+                f = expand_factors(report.instances[est.instance_id], true.factors, "kv")
+                true_m = np.stack([np.diag(x) for x in f.reshape(est.matrices.shape[0], -1)])
             resid = np.einsum("hij,hjk->hik", est.matrices, true_m) - np.eye(est.matrices.shape[1])
             mix_errs.append(np.linalg.norm(resid, axis=(1, 2)) / np.sqrt(est.matrices.shape[1]))
     out: dict[str, float] = {}

@@ -35,8 +35,9 @@ class Transform:
     perm: np.ndarray | None = None
     factors: np.ndarray | None = None
     matrices: np.ndarray | None = None
-    """``(heads, d, d)`` invertible per-head mixing (V/O spaces without RoPE): primal bindings
-    are multiplied by ``M``, inverse bindings by ``M^-1`` on their side (MergeLock-style)."""
+    """``(heads, d, d)`` invertible per-head mixing of a scale space (V/O, or Q/K with matrices
+    that commute with RoPE): primal bindings are multiplied by ``M``, inverse bindings by
+    ``M^-1`` on their side (MergeLock-style)."""
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.perm, self.factors, self.matrices)) != 1:
@@ -138,13 +139,14 @@ def _apply_mixing(
 ) -> torch.Tensor:
     """Per-head mixing along a bound axis: vectors along the axis, one ``d``-block per head.
 
-    Primal side (V rows): ``v' = M v``. Inverse side (O columns): ``O' = O M^-1``, i.e. each
-    vector along the axis is multiplied by ``M^-T``. Undoing swaps ``M`` for ``M^-1``.
+    Primal side (V or Q rows): ``v' = M v``. Inverse side (O columns: ``O' = O M^-1``; K rows:
+    ``k' = M^-T k``): each vector along the axis is multiplied by ``M^-T``. Undoing swaps ``M``
+    for ``M^-1``.
     """
     m = torch.from_numpy(mats).to(torch.float64)  # (kv_heads, d, d)
-    if binding.inverse:  # O columns: apply M^-T, undo M^T
+    if binding.inverse:  # O columns / K rows: apply M^-T, undo M^T
         m = m.transpose(1, 2) if inverse else torch.linalg.inv(m).transpose(1, 2)
-    elif inverse:  # V rows: apply M, undo M^-1
+    elif inverse:  # V / Q rows: apply M, undo M^-1
         m = torch.linalg.inv(m)
     if binding.layout == "q":
         m = m.repeat_interleave(instance.query_heads // instance.heads, dim=0)  # (q_heads, d, d)
