@@ -90,7 +90,7 @@ def write_report(config: EvalConfig, records: list[Any], extras: dict[str, Any],
     if extras.get("recovery"):
         lines += ["", "## What the attacks recovered (measured against the key afterwards)", "",
                   "| defense / attack | MLP units put back | heads put back | scale factor rel. error (median / max) "
-                  "| V/O matrix rel. error (median) |", "|---|---|---|---|---|"]
+                  "| per-head matrix rel. error (median) |", "|---|---|---|---|---|"]
         for name, rec in extras["recovery"].items():
             units = f"{rec['perm_units_restored']:.3f}" if "perm_units_restored" in rec else "-"
             heads = f"{rec['heads_restored']:.3f}" if "heads_restored" in rec else "-"
