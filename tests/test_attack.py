@@ -169,16 +169,18 @@ def test_vo_mixing_beats_diagonal_realignment_but_not_matrix_least_squares(tiny_
         torch.testing.assert_close(back[n], w_ft[n], rtol=1e-4, atol=1e-5)  # mixing: float32 rounding
 
 
-def test_vo_mixing_is_refused_for_half_precision(tmp_path):
+@pytest.mark.parametrize(("flag", "dtype"), [("mix_vo", torch.bfloat16), ("mix_qk", torch.float16)])
+def test_mixing_is_refused_for_half_precision(tmp_path, flag, dtype):
     from tiny_models import build, save
 
     from mergeshield.errors import NumericError
 
     base = build("llama", 0)
-    save(base, tmp_path / "base", dtype=torch.bfloat16)
-    save(build("llama", 1, finetune_of=base), tmp_path / "ft", dtype=torch.bfloat16)
-    with pytest.raises(NumericError, match="float32 copy"):
-        protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(mix_vo=True), progress=False)
+    save(base, tmp_path / "base", dtype=dtype)
+    save(build("llama", 1, finetune_of=base), tmp_path / "ft", dtype=dtype)
+    cli_flag = "--" + flag.replace("_", "-")
+    with pytest.raises(NumericError, match=f"{flag}.*float32 copy.*{cli_flag}"):
+        protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(**{flag: True}), progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -226,16 +228,3 @@ def test_qk_and_vo_mixing_with_head_permutation_fall_to_the_matrix_attack_only(t
     assert _dist(_weights(tmp_path / "mat"), w_ft) < 0.1 * d_prot
     assert _dist(_weights(tmp_path / "diag"), w_ft) > 0.3 * d_prot  # diagonal scales cannot undo rotations
     assert recovery(tmp_path / "key", diag)["heads_restored"] == 1.0  # the head matching is mixing-invariant
-
-
-def test_qk_mixing_is_refused_for_half_precision(tmp_path):
-    from tiny_models import build, save
-
-    from mergeshield.errors import NumericError
-
-    base = build("llama", 0)
-    save(base, tmp_path / "base", dtype=torch.float16)
-    save(build("llama", 1, finetune_of=base), tmp_path / "ft", dtype=torch.float16)
-    with pytest.raises(NumericError, match="mix_qk.*--mix-qk"):
-        protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(mix_qk=True), progress=False)
-    assert not (tmp_path / "out").exists()
