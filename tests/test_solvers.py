@@ -58,3 +58,22 @@ def test_random_is_seeded_and_auto_picks_by_size():
     assert choose_solver("auto", 4096) == "exact" and choose_solver("auto", 4097) == "block"
     with pytest.raises(ValueError, match="unknown solver"):
         choose_solver("hungarian", 10)
+
+
+def test_float32_features_give_the_same_block_and_random_permutations_and_distances():
+    """protect builds float32 features for the block and random solvers (half the memory):
+    from bfloat16 weights they are exact, so the permutation is the one float64 features give,
+    and the distances (accumulated in float64) agree to rounding."""
+    from mergeshield.core.assignment import farthest_permutation, permutation_distances
+
+    g = torch.Generator().manual_seed(0)
+    pre16 = torch.randn(3000, 96, generator=g).to(torch.bfloat16)
+    tuned16 = (pre16.float() + 0.05 * torch.randn(3000, 96, generator=g)).to(torch.bfloat16)
+    f64 = (pre16.double(), tuned16.double())
+    f32 = (pre16.float(), tuned16.float())
+    for solver in ("block", "random"):
+        a = farthest_permutation(*f64, solver, block_size=512, rng=np.random.default_rng(1))
+        b = farthest_permutation(*f32, solver, block_size=512, rng=np.random.default_rng(1))
+        assert np.array_equal(a, b), solver
+        d64, d32 = permutation_distances(*f64, a), permutation_distances(*f32, a)
+        np.testing.assert_allclose(d32, d64, rtol=1e-12)

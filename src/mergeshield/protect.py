@@ -310,10 +310,12 @@ def _plan(
         detail = ""
         if is_perm:
             units = inst.size if isinstance(space, HeadPermutationSpace) else None
-            f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors], units)
-            f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units)
-            del tuned, pre
             solver = choose_solver(options.solver, inst.size)
+            # block and random compute in float32 anyway: half the memory, the same permutation
+            ftype = torch.float32 if solver in ("block", "random") else torch.float64
+            f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
+            f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
+            del tuned, pre
             perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(options.seed, inst.id))
             transform = Transform(inst.id, perm=perm)
             moved = float((perm != np.arange(len(perm))).mean())

@@ -36,11 +36,15 @@ random permutation. ``auto``: exact up to ``EXACT_MAX`` units, block above."""
 EXACT_MAX = 4096
 
 
-def unit_features(tensors: Sequence[tuple[torch.Tensor, Binding]], n_units: int | None = None) -> torch.Tensor:
-    """Concatenate each unit's slices across bound tensors: ``(n_units, n_features)`` float64.
+def unit_features(
+    tensors: Sequence[tuple[torch.Tensor, Binding]], n_units: int | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Concatenate each unit's slices across bound tensors: ``(n_units, n_features)``.
 
     By default every element of a bound axis is a unit (MLP neurons); with `n_units`, the axis
-    is cut into that many equal contiguous blocks (attention heads).
+    is cut into that many equal contiguous blocks (attention heads). `dtype` float32 halves the
+    memory where the solver computes in float32 anyway (block, random); it holds float16 and
+    bfloat16 weights exactly.
     """
     from mergeshield.core.transforms import axis_view
 
@@ -48,7 +52,7 @@ def unit_features(tensors: Sequence[tuple[torch.Tensor, Binding]], n_units: int 
     for t, binding in tensors:
         part = axis_view(t, binding).movedim(binding.axis, 0)
         parts.append(part.reshape(n_units or part.shape[0], -1))  # (n_units, rest), stored dtype
-    out = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts), dtype=torch.float64)
+    out = torch.empty(parts[0].shape[0], sum(p.shape[1] for p in parts), dtype=dtype)
     at = 0
     for part in parts:  # one converting copy per tensor, no float64 intermediates
         out[:, at : at + part.shape[1]].copy_(part)
@@ -152,10 +156,16 @@ def permutation_objective(pre: torch.Tensor, tuned: torch.Tensor, perm: np.ndarr
 def permutation_distances(pre: torch.Tensor, tuned: torch.Tensor, perm: np.ndarray) -> tuple[float, float, float]:
     """``(||pre - tuned||^2, ||pre - tuned[perm]||^2, ||pre||^2)`` from four dot products.
 
-    One pass each and no (n, F) temporaries but one gathered copy; in float64 features the
-    cancellation in ``a.a + b.b - 2 a.b`` costs about 1e-12 relative to ``||pre||^2``."""
-    p, t = pre.reshape(-1), tuned.reshape(-1)
-    pp, tt = float(p @ p), float(t @ t)
-    same = float(p @ t)
-    moved = float(p @ tuned.index_select(0, torch.from_numpy(perm)).reshape(-1))
+    Accumulated in float64 over chunks of units whatever the features' dtype (the cancellation
+    in ``a.a + b.b - 2 a.b`` then costs about 1e-12 relative to ``||pre||^2``); no (n, F)
+    temporaries beyond one chunk."""
+    pp = tt = same = moved = 0.0
+    idx = torch.from_numpy(perm)
+    step = max(1, (1 << 24) // max(1, pre.shape[1]))  # about 16M values per chunk
+    for start in range(0, pre.shape[0], step):
+        p = pre[start : start + step].double().reshape(-1)
+        t = tuned[start : start + step].double().reshape(-1)
+        m = tuned.index_select(0, idx[start : start + step]).double().reshape(-1)
+        pp, tt = pp + float(p @ p), tt + float(t @ t)
+        same, moved = same + float(p @ t), moved + float(p @ m)
     return max(pp + tt - 2 * same, 0.0), max(pp + tt - 2 * moved, 0.0), pp
