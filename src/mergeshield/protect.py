@@ -384,7 +384,7 @@ def rewrite_checkpoint(
     when complete. Tensors are streamed into their shard one by one (memory holds one output
     tensor, not a shard); `dtype_of(name)` gives each output dtype (default: the template's).
     Every `RELEASE_BYTES` of output the template and `inputs` are unmapped, so their mapped
-    pages do not pile up as resident memory (reopening a file costs ~10 ms, so not per tensor).
+    pages do not pile up as resident memory (reopening a file cost 15 ms here, so not per tensor).
     Returns the fingerprint (sha256 over every output tensor's name, dtype, shape and bytes).
     `before_commit(fingerprint)` may raise to abandon the output.
     """

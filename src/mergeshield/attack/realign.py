@@ -32,10 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
-from mergeshield.core.assignment import closest_permutation, unit_features
+from mergeshield.core.assignment import closest_permutation, min_cost_assignment, unit_features
 from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
 from mergeshield.io.checkpoint import Checkpoint, check_output_path
 from mergeshield.symmetry.spec import HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance
@@ -98,8 +97,7 @@ def estimate_head_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor]
         inside = torch.einsum("hrc,gck->hgrk", b, basis).pow(2).sum((2, 3))
         cost += (b.pow(2).sum((1, 2))[:, None] - inside)
     # gather index: new head i = protected head perm[i], chosen to sit where base head i sits
-    rows, cols = linear_sum_assignment(cost.numpy())
-    return Transform(inst.id, perm=cols[np.argsort(rows)].astype(np.int64))
+    return Transform(inst.id, perm=min_cost_assignment(cost.numpy()))
 
 
 def estimate_scales(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:

@@ -24,6 +24,7 @@ __all__ = [
     "permutation_distances",
     "SOLVERS",
     "choose_solver",
+    "min_cost_assignment",
 ]
 
 SOLVERS = ("auto", "exact", "block", "greedy", "random")
@@ -60,7 +61,8 @@ def unit_features(
     return out
 
 
-def _solve(cost: np.ndarray) -> np.ndarray:
+def min_cost_assignment(cost: np.ndarray) -> np.ndarray:
+    """The gather index minimising ``sum_i cost[i, perm[i]]`` (scipy's Jonker-Volgenant)."""
     rows, cols = linear_sum_assignment(cost)
     # rows come back sorted 0..n-1, so cols is the gather index: new unit i = old unit cols[i]
     assert np.array_equal(rows, np.arange(len(rows)))
@@ -104,7 +106,7 @@ def farthest_permutation(
         return rng.permutation(n).astype(np.int64)
     if solver == "exact":
         # cost[i, j] = <pre_i, tuned_j>: placing tuned unit j at position i; minimise the sum
-        return _solve((pre @ tuned.T).numpy())
+        return min_cost_assignment((pre @ tuned.T).numpy())
     if solver == "greedy":
         return _greedy((pre @ tuned.T).numpy(), rng or np.random.default_rng(0))
     return _block(pre, tuned, block_size)
@@ -139,13 +141,13 @@ def _block(pre: torch.Tensor, tuned: torch.Tensor, block_size: int) -> np.ndarra
     for start in range(0, n, block_size):
         r, c = rows[start : start + block_size], cols[start : start + block_size]
         sub = (pre[torch.from_numpy(r)] @ tuned[torch.from_numpy(c)].T).double().numpy()  # (b, b)
-        perm[r] = c[_solve(sub)]
+        perm[r] = c[min_cost_assignment(sub)]
     return perm
 
 
 def closest_permutation(pre: torch.Tensor, tuned: torch.Tensor) -> np.ndarray:
     """The gather index P minimising ``||pre - tuned[P]||^2`` (weight matching, the attack)."""
-    return _solve(-(pre @ tuned.T).numpy())
+    return min_cost_assignment(-(pre @ tuned.T).numpy())
 
 
 def permutation_objective(pre: torch.Tensor, tuned: torch.Tensor, perm: np.ndarray) -> float:

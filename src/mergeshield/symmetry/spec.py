@@ -118,8 +118,8 @@ class HeadPermutationSpace(_Frozen):
     bindings: tuple[Binding, ...] = Field(min_length=2)
 
 
-Space = Annotated[PermutationSpace | ScaleSpace | HeadPermutationSpace, Field(discriminator="kind")]
 AnySpace = PermutationSpace | ScaleSpace | HeadPermutationSpace
+Space = Annotated[AnySpace, Field(discriminator="kind")]
 
 
 class FamilySpec(_Frozen):
