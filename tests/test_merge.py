@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from tiny_models import TINY
 
 from mergeshield import ProtectOptions, make_method, merge_checkpoints, merge_tensor, protect
+from mergeshield.errors import MergeShieldError
 from mergeshield.io.checkpoint import Checkpoint
 from mergeshield.verify import load_model
 
@@ -224,3 +226,41 @@ def test_topk_mask_by_selection_equals_a_stable_sort(n, density, levels, seed):
     ref = torch.zeros(n, dtype=torch.bool)
     ref[torch.argsort(tau.abs(), descending=True, stable=True)[:k]] = True
     assert torch.equal(_topk_mask(tau, density), ref)
+
+
+def test_mergekit_worker_gives_the_bytes_of_a_fresh_mergekit_process(tiny_pair, tmp_path):
+    """The eval's long-lived mergekit worker (one import for many merges) must merge exactly as a
+    fresh ``mergekit-yaml`` process: seeded methods included, with input folders reused for
+    other models in between (mergekit caches loaders by path in the process)."""
+    from mergeshield.eval.config import MergeSpec
+    from mergeshield.eval.runner import MergekitWorker
+
+    pytest.importorskip("mergekit")
+    base, ft, ft2 = tiny_pair("llama")
+    spec = MergeSpec(method="dare_ties", lam=0.8, drop=0.5, engine="mergekit")
+    mk_in = [tmp_path / "in0", tmp_path / "in1"]
+    worker = MergekitWorker(seed=3, log_path=tmp_path / "mk.log")
+    try:
+        for i, (a, b) in enumerate([(ft2, ft), (ft, ft2)]):  # the second merge reuses the folders
+            for src, dst in zip((a, b), mk_in, strict=True):
+                shutil.rmtree(dst, ignore_errors=True)
+                shutil.copytree(src, dst)
+            worker.merge(base, mk_in, tmp_path / f"w{i}", spec, 0.8)
+        with pytest.raises(MergeShieldError, match="mergekit failed on ties"):  # an error comes back, the worker lives
+            worker.merge(base, [tmp_path / "missing"], tmp_path / "bad", MergeSpec(method="ties", lam=0.8), 0.8)
+        worker.merge(base, mk_in, tmp_path / "w2", spec, 0.8)
+    finally:
+        worker.close()
+    cfg = tmp_path / "fresh.yaml"
+    shutil.copy(tmp_path / "w1.yaml", cfg)
+    exe = [sys.executable, "-m", "mergeshield.eval._mergekit_shim"]
+    res = subprocess.run([*exe, str(cfg), str(tmp_path / "fresh"), "--allow-crimes", "--random-seed", "3"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONHASHSEED": "3"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    fresh = _weights(tmp_path / "fresh")
+    for got in (_weights(tmp_path / "w1"), _weights(tmp_path / "w2")):
+        assert set(got) == set(fresh)
+        for n in fresh:
+            assert torch.equal(got[n], fresh[n]), n
+    w0 = _weights(tmp_path / "w0")  # the other model order: a different merge, so the check can fail
+    assert any(not torch.equal(w0[n], fresh[n]) for n in fresh)

@@ -85,7 +85,7 @@ class CausalSuite:
         self.tasks: dict[str, TextTask] = {}
         self.folders: dict[str, Path] = {}
         self.label_ids: dict[str, list[int]] = {}
-        self._batches: dict[str, list[dict[str, torch.Tensor]]] = {}
+        self._batches: dict[tuple[str, int], list[dict[str, torch.Tensor]]] = {}
         for spec in config.tasks:
             task = load_task(spec.name, n_train=spec.n_train, n_test=spec.n_test, seed=config.seed)
             self.tasks[spec.name] = task
@@ -150,11 +150,12 @@ class CausalSuite:
 
     # ---- evaluation --------------------------------------------------------------------------
     def batches(self, task: str, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:
-        if task not in self._batches:
+        key = (task, batch_size)  # AdaMerging asks for smaller batches than the evaluation
+        if key not in self._batches:
             prompts = [self._prompt(task, t) for t in self.tasks[task].test_texts]
-            self._batches[task] = [dict(self.tok(prompts[i : i + batch_size], return_tensors="pt", padding=True))
-                                   for i in range(0, len(prompts), batch_size)]
-        return self._batches[task]
+            self._batches[key] = [dict(self.tok(prompts[i : i + batch_size], return_tensors="pt", padding=True))
+                                  for i in range(0, len(prompts), batch_size)]
+        return self._batches[key]
 
     def _model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -190,14 +191,16 @@ class CausalSuite:
     def n_test(self, task: str) -> int:
         return len(self.tasks[task].test_labels)
 
-    def entropy_loss(self, task: str, names: Mapping[str, str]) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-        """Entropy of the next-token distribution over the task's label tokens (unlabelled inputs)."""
+    def entropy_loss(self, task: str, names: Mapping[str, str],
+                     batch_size: int | None = None) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """Entropy of the next-token distribution over the task's label tokens (unlabelled inputs,
+        ``batch_size`` a step, default 8)."""
         from torch.func import functional_call
 
         model = self._model()
         for p in model.parameters():
             p.requires_grad_(False)
-        batches = self.batches(task, batch_size=8)
+        batches = self.batches(task, batch_size=batch_size or 8)
         ids = torch.tensor(self.label_ids[task])
         counter = {"i": 0}
 

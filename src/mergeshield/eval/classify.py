@@ -75,15 +75,17 @@ class ClassifierSuite:
         return len(self.tasks[task].test_labels)
 
     # ---- AdaMerging hooks ------------------------------------------------------------------------
-    def entropy_loss(self, task: str, names: Mapping[str, str]) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-        """Entropy of the task's predictions on its unlabelled test inputs, as a function of the
-        merged tensors (``names`` maps merged-tensor names to the task model's parameter names)."""
+    def entropy_loss(self, task: str, names: Mapping[str, str],
+                     batch_size: int | None = None) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """Entropy of the task's predictions on its unlabelled test inputs (``batch_size`` a step,
+        default 64), as a function of the merged tensors (``names`` maps merged-tensor names to the
+        task model's parameter names)."""
         from torch.func import functional_call
 
         model = self._load(self.folders[task]).eval()
         for p in model.parameters():
             p.requires_grad_(False)
-        batches = self.batches(task)  # the evaluation batches (64 inputs each)
+        batches = self.batches(task, batch_size or 64)
         counter = {"i": 0}
 
         def loss(params: dict[str, torch.Tensor]) -> torch.Tensor:

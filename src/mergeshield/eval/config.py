@@ -40,6 +40,9 @@ class MergeSpec(_Frozen):
     """Merge the victim with the first n-1 other tasks, for each n."""
     steps: int = 40
     """AdaMerging optimisation steps."""
+    batch: int | None = Field(default=None, gt=0)
+    """AdaMerging: unlabelled test inputs per task and step (default: the suite's, 64 for text
+    and vision, 8 for causal)."""
 
     def lambdas(self) -> list[float | None]:
         if isinstance(self.lam, list):

@@ -25,7 +25,7 @@ def section(results: Path) -> str:
     for r in recs:  # the demo's first results were written with the field name "lam"
         r.setdefault("lambda", r.get("lam"))
     victim = next(r["task"] for r in recs if r["protected"])
-    suite = recs[0]["suite"]
+    suite = results.parent.name  # = the config's name (a renamed config keeps its old records)
     variants = list(dict.fromkeys(_variant(r) for r in recs if r["task"] == victim and not r["merged"]))
     chance = next(r["chance"] for r in recs if r["task"] == victim)
     lines = [
@@ -33,7 +33,7 @@ def section(results: Path) -> str:
         "",
         (f"Reproduce: `mergeshield eval configs/{suite}.yaml --out results/{suite}` " if suite != "demo-minilm"
          else "Reproduce: `bash scripts/demo.sh --out results/demo-minilm` ")
-        + f"(full report: [results/{results.parent.name}/report.md](results/{results.parent.name}/report.md)).",
+        + f"(full report: [results/{suite}/report.md](results/{suite}/report.md)).",
         "",
         "| victim accuracy | " + " | ".join(variants) + " |",
         "|---|" + "---|" * len(variants),

@@ -89,15 +89,17 @@ def write_report(config: EvalConfig, records: list[Any], extras: dict[str, Any],
     lines += _robustness(main, config, variants)
     if extras.get("recovery"):
         lines += ["", "## What the attacks recovered (measured against the key afterwards)", "",
-                  "| defense / attack | MLP units put back | heads put back | scale factor rel. error (median / max) "
-                  "| per-head matrix rel. error (median) |", "|---|---|---|---|---|"]
+                  "| defense / attack | residual dims put back | MLP units put back | heads put back "
+                  "| scale factor rel. error (median / max) | per-head matrix rel. error (median) |",
+                  "|---|---|---|---|---|---|"]
         for name, rec in extras["recovery"].items():
+            resid = f"{rec['residual_restored']:.3f}" if "residual_restored" in rec else "-"
             units = f"{rec['perm_units_restored']:.3f}" if "perm_units_restored" in rec else "-"
             heads = f"{rec['heads_restored']:.3f}" if "heads_restored" in rec else "-"
             sc = (f"{rec['scale_rel_err_median']:.4f} / {rec['scale_rel_err_max']:.4f}"
                   if "scale_rel_err_median" in rec else "-")
             mix = f"{rec['matrix_rel_err_median']:.4f}" if "matrix_rel_err_median" in rec else "-"
-            lines.append(f"| {name} | {units} | {heads} | {sc} | {mix} |")
+            lines.append(f"| {name} | {resid} | {units} | {heads} | {sc} | {mix} |")
     prune = [r for r in records if r.note == "prune-curve"]
     if prune:
         lines += ["", "## Pruning-rate trade-off (TA lambda 0.8, two models)", "",

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import IO
 from pathlib import Path
 
 import torch
@@ -37,8 +38,8 @@ __all__ = ["Record", "Variant", "run_eval"]
 Suite = TextSuite | CausalSuite | VisionSuite
 
 
-def _mergekit(base: Path, models: list[Path], out: Path, spec: MergeSpec, lam: float | None, seed: int) -> None:
-    """Run mergekit's CLI on saved checkpoints (the tool free-riders actually use)."""
+def _mergekit_config(base: Path, models: list[Path], spec: MergeSpec, lam: float | None) -> dict[str, object]:
+    """The mergekit YAML a free-rider would write for this merge."""
     params: dict[str, object] = {"weight": 1.0}
     if spec.density is not None:
         params["density"] = spec.density
@@ -61,15 +62,65 @@ def _mergekit(base: Path, models: list[Path], out: Path, spec: MergeSpec, lam: f
         cfg["parameters"] = {"lambda": lam}
     if method != "linear":
         cfg["base_model"] = str(base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    cfg_path = out.parent / f"{out.name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONHASHSEED": str(seed)}
-    # mergekit 0.1.5 crashes on every BERT checkpoint; the shim fixes that one token (see its doc)
-    res = subprocess.run([sys.executable, "-m", "mergeshield.eval._mergekit_shim", str(cfg_path), str(out),
-                          "--allow-crimes", "--random-seed", str(seed)], capture_output=True, text=True, env=env)
-    if res.returncode != 0:
-        raise MergeShieldError(f"mergekit failed on {method}: {res.stderr[-2000:]}")
+    return cfg
+
+
+class MergekitWorker:
+    """mergekit's own CLI (``mergekit-yaml``), run in one long-lived worker process.
+
+    Importing mergekit takes 11 of the 12 s a MiniLM merge costs (measured), so the worker
+    imports it once; each merge is still mergekit's CLI entry point with its own seed, on a fresh
+    loader cache (see `mergeshield.eval._mergekit_shim`), and gives the same bytes as a fresh
+    process (tested). mergekit 0.1.5 crashes on every BERT checkpoint; the shim fixes that token.
+    """
+
+    def __init__(self, seed: int, log_path: Path) -> None:
+        self.seed = seed
+        self.log_path = log_path
+        self._proc: subprocess.Popen[str] | None = None
+        self._log: IO[str] | None = None
+
+    def _start(self) -> subprocess.Popen[str]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._log = self.log_path.open("a")
+            env = {**os.environ, "PYTHONHASHSEED": str(self.seed)}
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "mergeshield.eval._mergekit_shim", "--serve"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
+            )
+        return self._proc
+
+    def merge(self, base: Path, models: list[Path], out: Path, spec: MergeSpec, lam: float | None) -> None:
+        from mergeshield.eval._mergekit_shim import REPLY
+
+        cfg = _mergekit_config(base, models, spec, lam)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cfg_path = out.parent / f"{out.name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        proc = self._start()
+        assert proc.stdin is not None and proc.stdout is not None
+        args = [str(cfg_path), str(out), "--allow-crimes", "--random-seed", str(self.seed)]
+        proc.stdin.write(json.dumps(args) + "\n")
+        proc.stdin.flush()
+        for line in proc.stdout:  # mergekit may print lines of its own first
+            if line.startswith(REPLY):
+                reply = json.loads(line[len(REPLY):])
+                if not reply["ok"]:
+                    raise MergeShieldError(f"mergekit failed on {cfg['merge_method']}: {reply['error']}")
+                return
+        tail = self.log_path.read_text(errors="replace")[-2000:]
+        self.close()
+        raise MergeShieldError(f"the mergekit worker died during {cfg['merge_method']}: {tail}")
+
+    def close(self) -> None:
+        if self._proc is not None:
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+            self._proc.wait(timeout=60)
+            self._proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
 
 def _in_base_layout(model: Path, base: Path, out: Path) -> Path:
@@ -116,6 +167,7 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
 
     phase("data and fine-tuned task models (cached after the first run)")
     work = Path(tempfile.mkdtemp(prefix="mergeshield-eval-", dir=out_dir))
+    mergekit = MergekitWorker(config.seed, work / "mergekit.log")
     try:
         # ---- release variants ------------------------------------------------------------------
         variants = [Variant("unprotected", suite.folders[victim], None, None)]
@@ -162,7 +214,7 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
                         models = [v.folder, *(suite.folders[m] for m in mates)]
                         try:
                             accs = _merge_and_score(suite, spec, lam, base, models, [victim, *mates], work,
-                                                    config.seed, log)
+                                                    config.seed, mergekit)
                         except MergeShieldError as exc:
                             if spec.engine != "mergekit":
                                 raise
@@ -199,11 +251,12 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
                 rec(victim, None, None, 1, v, suite.accuracy(victim, v.folder), note="prune-curve")
                 spec = MergeSpec(method="task_arithmetic", lam=0.8)
                 accs = _merge_and_score(suite, spec, 0.8, base, [v.folder, suite.folders[partners[0]]],
-                                        [victim, partners[0]], work, config.seed, log)
+                                        [victim, partners[0]], work, config.seed, mergekit)
                 for task, acc in accs.items():
                     rec(task, "task_arithmetic", 0.8, 2, v, acc, with_=[victim, partners[0]], note="prune-curve")
             phase(f"prune rate {rate}")
     finally:
+        mergekit.close()
         shutil.rmtree(work, ignore_errors=True)
 
     seconds = time.perf_counter() - t0
@@ -218,7 +271,7 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
 
 def _merge_and_score(
     suite: Suite, spec: MergeSpec, lam: float | None, base: Path, models: list[Path], tasks: list[str],
-    work: Path, seed: int, log: Callable[[str], None],
+    work: Path, seed: int, mergekit: MergekitWorker,
 ) -> dict[str, float]:
     folder = work / "merged"
     if folder.exists():
@@ -229,7 +282,7 @@ def _merge_and_score(
         # mergekit takes the architecture from the first model and then wants the base to have the
         # same (head-prefixed) names: give it every model re-saved in the base's layout, heads dropped
         plain = [_in_base_layout(m, base, work / f"mk-in-{i}") for i, m in enumerate(models)]
-        _mergekit(base, plain, folder, spec, lam, seed)
+        mergekit.merge(base, plain, folder, spec, lam)
         got = set(Checkpoint(folder).names)
         want = set(Checkpoint(base).names)
         if not want <= got:
@@ -250,6 +303,6 @@ def _adamerge_and_score(suite: Suite, spec: MergeSpec, base: Path, models: list[
         names = match_names(list(s), list(b))
         inv = {bn: mn for mn, bn in names.items()}
         taus.append({n: s[inv[n]].float() - b[n] for n in b})
-    losses = [suite.entropy_loss(t, suite.model_names(t, list(b))) for t in tasks]
+    losses = [suite.entropy_loss(t, suite.model_names(t, list(b)), spec.batch) for t in tasks]
     merged, _ = adamerging(b, taus, losses, steps=spec.steps, init=0.3)
     return {t: suite.accuracy(t, merged) for t in tasks}
