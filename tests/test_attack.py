@@ -32,6 +32,7 @@ def test_realignment_fully_recovers_unpruned_protection(tiny_pair, tmp_path, fam
     report = attack(tmp_path / "p", base, tmp_path / "a", "realign", progress=False)
     rec = recovery(tmp_path / "key", report)
     assert rec["perm_units_restored"] == 1.0
+    assert rec.get("residual_restored", 1.0) == 1.0, rec  # no residual permutation: the step finds none
     assert rec["scale_rel_err_median"] < 0.02 and rec["scale_rel_err_max"] < 0.2, rec
     # the attacked model is still the same function, and back next to the fine-tune
     assert verify(ft, tmp_path / "a", rtol=1e-4).equivalent
@@ -127,8 +128,8 @@ def test_key_describes_exactly_what_was_applied(tiny_pair, tmp_path):
         key = {t.instance_id: t for t in _read_key(tmp_path / f"{family}.key")[0]}
         p_ck, f_ck = Checkpoint(out), Checkpoint(ft)
         for inst in bind_checkpoint(p_ck).instances:
-            if inst.id not in key:  # head permutation: off by default, so not applied
-                assert "heads" in inst.id
+            if inst.id not in key:  # head and residual permutations: off by default, so not applied
+                assert "heads" in inst.id or inst.id == "residual"
                 continue
             t = key[inst.id]
             for bt in inst.tensors:
@@ -228,3 +229,21 @@ def test_qk_and_vo_mixing_with_head_permutation_fall_to_the_matrix_attack_only(t
     assert _dist(_weights(tmp_path / "mat"), w_ft) < 0.1 * d_prot
     assert _dist(_weights(tmp_path / "diag"), w_ft) > 0.3 * d_prot  # diagonal scales cannot undo rotations
     assert recovery(tmp_path / "key", diag)["heads_restored"] == 1.0  # the head matching is mixing-invariant
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "clip"])
+def test_realignment_recovers_the_residual_permutation_first(tiny_pair, tmp_path, family):
+    """The residual-stream permutation is matched on the tensors only it touches (embeddings,
+    norms), before anything else: without that step every other estimate fails."""
+    base, ft, _ = tiny_pair(family)
+    opts = ProtectOptions(seed=5, permute_residual=True, permute_heads=True)
+    protect(ft, base, tmp_path / "p", opts, key_out=tmp_path / "key", progress=False)
+    rec = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "a", "realign", progress=False))
+    assert rec["residual_restored"] == 1.0 and rec["perm_units_restored"] == 1.0, rec
+    assert rec["scale_rel_err_median"] < 0.02 and rec["scale_rel_err_max"] < 0.2, rec
+    assert verify(ft, tmp_path / "a", rtol=1e-4).equivalent
+    w_ft, w_p, w_a = _weights(ft), _weights(tmp_path / "p"), _weights(tmp_path / "a")
+    assert _dist(w_a, w_ft) < 0.05 * _dist(w_p, w_ft)
+    # the MLP matching alone, in shuffled residual coordinates, puts few units back
+    blind = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "b", "permutation", progress=False))
+    assert blind["perm_units_restored"] < 0.5, blind

@@ -41,12 +41,15 @@ def test_protect_verify_unprotect_merge_from_the_command_line(tiny_pair, tmp_pat
 
 def test_permute_heads_and_attack_from_the_command_line(tiny_pair, tmp_path):
     base, ft, _ = tiny_pair("llama")
-    res = _cli("protect", str(ft), "--base", str(base), "--out", str(tmp_path / "p"), "--permute-heads", "--quiet")
+    res = _cli("protect", str(ft), "--base", str(base), "--out", str(tmp_path / "p"), "--permute-heads",
+               "--permute-residual", "--quiet")
     assert res.returncode == 0, res.stderr
     assert "model.heads.0" in res.stdout and "heads (distances before scaling) moved" in res.stdout
+    assert "residual-only tensors" in res.stdout
     res = _cli("attack", str(tmp_path / "p"), "--base", str(base), "--out", str(tmp_path / "a"), "--quiet")
     assert res.returncode == 0, res.stderr
-    assert "estimated 2 head order(s), 4 scale set(s), 2 MLP permutation(s)" in res.stdout, res.stdout
+    assert ("estimated 1 residual-stream permutation, 2 head order(s), 4 scale set(s), 2 MLP permutation(s)"
+            in res.stdout), res.stdout
     assert _cli("verify", str(ft), str(tmp_path / "a")).returncode == 0
 
 

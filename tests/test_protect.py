@@ -227,3 +227,56 @@ def test_head_permutation_preserves_function_and_round_trips(tiny_pair, tmp_path
     assert _weights(tmp_path / "out").keys() == _weights(tmp_path / "noheads").keys()
     moved = any(not torch.equal(x, _weights(tmp_path / "noheads")[n]) for n, x in _weights(tmp_path / "out").items())
     assert moved != single
+
+
+RESIDUAL_FAMILIES = [f for f in FAMILIES if f != "clip"]  # clip: two towers, not described
+
+
+@pytest.mark.parametrize("family", RESIDUAL_FAMILIES)
+def test_residual_permutation_preserves_function_and_round_trips(tiny_pair, tmp_path, family):
+    base, ft, _ = tiny_pair(family)
+    only = ProtectOptions(seed=7, permute_residual=True, permute_mlp=False, scale_qk=False, scale_vo=False)
+    report = protect(ft, base, tmp_path / "out", only, key_out=tmp_path / "key", progress=False)
+    (res,) = report.instances
+    assert res.kind == "residual" and res.id == "residual" and " 0% dims" not in res.detail, res
+    assert res.ratio > 3, res
+    assert verify(ft, tmp_path / "out", rtol=1e-5).equivalent
+    # exactly the tensors on the residual stream moved, those PaRaMS leaves alone (embeddings,
+    # norms) included; the rest is bit for bit the fine-tune
+    from mergeshield.protect import bind_checkpoint
+
+    (inst,) = [i for i in bind_checkpoint(Checkpoint(ft)).instances if i.id == "residual"]
+    on_stream = {bt.name for bt in inst.tensors}
+    assert any("embed" in n or "wte" in n for n in on_stream) and any("norm" in n.lower() or "ln_" in n for n in on_stream)
+    a, p = _weights(ft), _weights(tmp_path / "out")
+    assert {n for n in a if not torch.equal(a[n], p[n])} == {n for n in on_stream if a[n].std() > 0}
+    unprotect(tmp_path / "out", tmp_path / "key", tmp_path / "restored", progress=False)
+    back = _weights(tmp_path / "restored")
+    assert all(torch.equal(back[n], a[n]) for n in a)  # a permutation undoes bit for bit
+    # with every other transform: still the same function, still restorable
+    full = ProtectOptions(seed=7, permute_residual=True, permute_heads=True)
+    report = protect(ft, base, tmp_path / "all", full, key_out=tmp_path / "key2", progress=False)
+    assert [r.kind for r in report.instances].count("residual") == 1
+    assert verify(ft, tmp_path / "all", rtol=1e-5).equivalent
+    unprotect(tmp_path / "all", tmp_path / "key2", tmp_path / "restored2", progress=False)
+    back = _weights(tmp_path / "restored2")
+    for n in a:
+        torch.testing.assert_close(back[n], a[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_residual_permutation_is_refused_where_the_description_does_not_hold(tiny_pair, tmp_path):
+    from mergeshield.errors import SpecError
+
+    base, ft, _ = tiny_pair("clip")
+    with pytest.raises(SpecError, match="no residual-stream space"):
+        protect(ft, base, tmp_path / "c", ProtectOptions(permute_residual=True), progress=False)
+    assert not (tmp_path / "c").exists()
+    # BERT with its MLM head: the decoder is the word embedding, read in the head's own space
+    import transformers as T
+
+    torch.manual_seed(0)
+    mlm = T.BertForMaskedLM(TINY["bert"][2])
+    save(mlm, tmp_path / "mlm")
+    with pytest.raises(SpecError, match=r"cls\.predictions"):
+        protect(tmp_path / "mlm", tmp_path / "mlm", tmp_path / "m", ProtectOptions(permute_residual=True), progress=False)
+    protect(tmp_path / "mlm", tmp_path / "mlm", tmp_path / "m", progress=False)  # the rest still works

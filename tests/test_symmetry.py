@@ -110,5 +110,14 @@ def test_every_tiny_checkpoint_binds_completely(tiny_pair, family):
     kinds = {inst.space.kind for inst in bound.instances}
     assert kinds == {"permutation", "scale", "head_permutation"}
     layers = 2 * (2 if family == "clip" else 1)  # CLIP has two towers
-    assert sum(inst.space.kind == "permutation" for inst in bound.instances) == layers
+    mlp = [i for i in bound.instances if i.space.kind == "permutation" and i.id != "residual"]
+    assert len(mlp) == layers
+    # one residual-stream instance for the whole model (clip's towers are not described)
+    residual = [i for i in bound.instances if i.id == "residual"]
+    assert len(residual) == (family != "clip")
+    if residual:
+        names = {bt.name for bt in residual[0].tensors}
+        assert len(names) == len(residual[0].tensors)  # no tensor bound twice
+        # every layer's norms and the embedding are on it
+        assert sum("norm" in n.lower() or "ln_" in n for n in names) >= 2 * 2
     assert sum(inst.space.kind == "head_permutation" for inst in bound.instances) == layers

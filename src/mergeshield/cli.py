@@ -123,6 +123,7 @@ def protect(
     scale_law: Annotated[str, typer.Option(help="uniform | loguniform | beta.")] = _D["scale_law"].default,
     scale_quantize: Annotated[str, typer.Option(help="auto (powers of two for fp16/bf16) | none | pow2.")] = _D["scale_quantize"].default,
     permute_heads: Annotated[bool, typer.Option(help="Also reorder attention heads (beyond PaRaMS).")] = _D["permute_heads"].default,
+    permute_residual: Annotated[bool, typer.Option(help="Also permute the hidden dimension of the whole model (beyond PaRaMS; not clip).")] = _D["permute_residual"].default,
     mix_vo: Annotated[bool, typer.Option(help="Per-head invertible V/O mixing instead of diagonal scales (float32).")] = _D["mix_vo"].default,
     mix_qk: Annotated[bool, typer.Option(help="Per-head invertible Q/K mixing, RoPE-compatible (float32).")] = _D["mix_qk"].default,
     solver: Annotated[str, typer.Option(help="MLP assignment: auto | exact | block | greedy | random.")] = _D["solver"].default,
@@ -138,7 +139,7 @@ def protect(
         seed=seed, permute_mlp=permute_mlp, scale_qk=scale_qk, scale_vo=scale_vo,
         scale_low=scale_low, scale_high=scale_high, scale_law=scale_law,  # type: ignore[arg-type]
         scale_quantize=scale_quantize, prune_rate=prune_rate, solver=solver, mix_vo=mix_vo,  # type: ignore[arg-type]
-        permute_heads=permute_heads, mix_qk=mix_qk,
+        permute_heads=permute_heads, mix_qk=mix_qk, permute_residual=permute_residual,
     )
     report = _protect(model_dir, base, out_dir, options, key_out=key_out, overwrite=overwrite, progress=not quiet)
     out.print(report.table(), highlight=False)
@@ -222,7 +223,7 @@ def attack(
     protected_dir: Annotated[Path, typer.Argument(help="The protected model, as published.")],
     base: Annotated[Path, typer.Option("--base", help="The public pretrained checkpoint.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the realigned model.")],
-    method: Annotated[str, typer.Option(help="heads | permutation | scale | realign | realign+fill | realign-matrix[+fill].")] = "realign",
+    method: Annotated[str, typer.Option(help="residual | heads | permutation | scale | realign | realign+fill | realign-matrix[+fill].")] = "realign",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -232,7 +233,8 @@ def attack(
     report = _attack(protected_dir, base, out_dir, method, overwrite=overwrite, progress=not quiet)
     steps = list(report.steps.values())
     counts = ", ".join(f"{steps.count(k)} {what}" for k, what in (
-        ("heads", "head order(s)"), ("scale", "scale set(s)"), ("matrix", "V/O matrix set(s)"),
+        ("residual", "residual-stream permutation"), ("heads", "head order(s)"), ("scale", "scale set(s)"),
+        ("matrix", "attention matrix set(s)"),
         ("permutation", "MLP permutation(s)")) if k in steps)
     out.print(f"attack {method}: estimated {counts or 'nothing'}; "
               f"filled {report.filled} pruned entries from the base; wrote {report.out}")

@@ -27,10 +27,17 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from mergeshield.core.numeric import all_finite
-from mergeshield.core.assignment import choose_solver, farthest_permutation, permutation_distances, unit_features
+from mergeshield.core.assignment import (
+    GramAccumulator,
+    choose_solver,
+    farthest_from_gram,
+    farthest_permutation,
+    permutation_distances,
+    unit_features,
+)
 from mergeshield.core.scales import ScaleLaw, pow2_exponent_bounds, sample_factors
 from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
-from mergeshield.errors import BaseMismatchError, KeyMismatchError, NumericError, OutputPathError
+from mergeshield.errors import BaseMismatchError, KeyMismatchError, NumericError, OutputPathError, SpecError
 from mergeshield.io.checkpoint import (
     Checkpoint,
     atomic_output_dir,
@@ -43,7 +50,7 @@ from mergeshield.io.checkpoint import (
 )
 from mergeshield.io.naming import match_names
 from mergeshield.symmetry.registry import family_for_model_type
-from mergeshield.symmetry.spec import BoundModel, HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance, bind
+from mergeshield.symmetry.spec import BoundModel, BoundTensor, HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance, bind
 
 __all__ = [
     "ProtectOptions",
@@ -89,6 +96,11 @@ class ProtectOptions(BaseModel):
     """Beyond PaRaMS: instead of diagonal V/O scales, a random invertible matrix per K/V head
     (a random rotation times scale factors, condition number at most scale_high/scale_low),
     as MergeLock (arXiv 2509.01548) does. float32/float64 checkpoints only (not exact in half)."""
+    permute_residual: bool = False
+    """Beyond PaRaMS: one permutation of the hidden dimension for the whole model (embeddings,
+    every layer's reads and writes of the residual stream, the norms), farthest from the base.
+    LayerNorm and RMSNorm do not depend on the order of the dimensions, so the function is kept.
+    Families: bert, llama, gpt2, vit (not clip). Off by default."""
     solver: Literal["auto", "exact", "block", "greedy", "random"] = "auto"
     """MLP assignment solver (see `mergeshield.core.assignment.SOLVERS`): ``auto`` is exact up to
     4096 units per layer and block-exact (blocks of 1024) above."""
@@ -189,7 +201,9 @@ def _check_base(model: Checkpoint, base: Checkpoint, bound: BoundModel) -> dict[
             "is not the model's pretrained checkpoint: pass the one it was fine-tuned from."
         )
     names = match_names(model.names, base.names)
-    bound_names = sorted({bt.name for inst in bound.instances for bt in inst.tensors})
+    # a task head the base lacks may read the residual stream (an optional binding there): fine
+    bound_names = sorted({bt.name for inst in bound.instances for bt in inst.tensors
+                          if not (_model_scope(inst) and bt.binding.optional)})
     missing = [n for n in bound_names if n not in names]
     if missing:
         raise BaseMismatchError(
@@ -285,6 +299,10 @@ def _plan(
             "to float16/bfloat16 weights (the protected model would not compute the same function). "
             f"Protect a float32 copy, or drop {flag} to use power-of-two scales."
         )
+    if options.permute_residual and not any(_model_scope(i) for i in bound.instances):
+        why = bound.skipped.get("residual", f"the {bound.family.name} description has no residual-stream space "
+                                "(described for bert, llama, gpt2 and vit)")
+        raise SpecError(f"--permute-residual: {why}. Protect without it.")
     clamped = 0
     # Head permutations come last, so that the scales (planned on the tensors as stored, with
     # their half-precision bounds) act on heads in their stored order; the key keeps this order.
@@ -292,11 +310,17 @@ def _plan(
     for inst in tqdm(instances, desc="planning", unit="layer", disable=not progress):
         space = inst.space
         enabled = (
-            options.permute_mlp if isinstance(space, PermutationSpace)
+            options.permute_residual if _model_scope(inst)
+            else options.permute_mlp if isinstance(space, PermutationSpace)
             else options.permute_heads if isinstance(space, HeadPermutationSpace)
             else (options.scale_qk if space.role == "qk" else options.scale_vo)
         )
         if not enabled:
+            continue
+        if _model_scope(inst):
+            transform, report = _plan_residual(model, base, bound, inst, names, options)
+            transforms.append(transform)
+            reports.append(report)
             continue
         # a permutation needs only the unit features (float64, built from the stored dtype);
         # scales work on float32/float64 copies
@@ -360,6 +384,42 @@ def _plan(
             "or becomes subnormal"
         )
     return transforms, reports, notes
+
+
+def _model_scope(inst: SpaceInstance) -> bool:
+    return isinstance(inst.space, PermutationSpace) and inst.space.scope == "model"
+
+
+def residual_anchors(bound: BoundModel, inst: SpaceInstance, names: dict[str, str]) -> list[BoundTensor]:
+    """The residual instance's bindings on tensors that no other space touches (embeddings,
+    norms, the biases of the residual writes) and that the base has: their unit features
+    depend on the residual permutation alone, so they plan it (and an attacker matches it)
+    without reading the whole model."""
+    return [bt for bt in inst.tensors if len(bound.by_tensor.get(bt.name, ())) == 1 and bt.name in names]
+
+
+def _plan_residual(
+    model: Checkpoint, base: Checkpoint, bound: BoundModel, inst: SpaceInstance, names: dict[str, str],
+    options: ProtectOptions,
+) -> tuple[Transform, InstanceReport]:
+    """The residual-stream permutation farthest from the base, planned on its anchor tensors
+    (see `residual_anchors`), one tensor at a time (only the Gram matrix is kept)."""
+    anchors = residual_anchors(bound, inst, names)
+    acc = GramAccumulator(inst.size)
+    for bt in anchors:
+        tuned = _checked(model.get(bt.name), bt.name, str(model.folder))
+        pre = _checked(base.get(names[bt.name]), names[bt.name], str(base.folder))
+        acc.add(unit_features([(pre, bt.binding)]), unit_features([(tuned, bt.binding)]))
+    model.release()
+    base.release()
+    solver = choose_solver(options.solver, inst.size)
+    solver = "exact" if solver == "block" else solver  # block needs the features; n is only d_model
+    perm = farthest_from_gram(acc.gram, solver, _instance_rng(options.seed, inst.id))
+    task2, after2, base2 = acc.distances(perm)
+    moved = float((perm != np.arange(len(perm))).mean())
+    detail = (f"{solver} solver on {len(anchors)} residual-only tensors, "
+              f"{moved:.0%} dims moved, {len(inst.tensors)} tensors permuted")
+    return Transform(inst.id, perm=perm), InstanceReport(inst.id, "residual", task2**0.5, after2**0.5, base2**0.5, detail)
 
 
 RELEASE_BYTES = 256 << 20

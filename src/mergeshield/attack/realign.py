@@ -11,6 +11,9 @@ weights stay close to the base, so each symmetry can be estimated by matching ag
   entries that are not exactly zero (so pruning does not bias the estimate). The two
   estimates are combined in log space, respecting RoPE pairs and GQA groups (rows that share a
   factor are pooled).
+- ``residual``: the one permutation of the hidden dimension (``--permute-residual``), by weight
+  matching on the tensors only the residual stream touches (embeddings, norms): first, since
+  every other estimate compares coordinates of the residual stream with the base's.
 - ``heads``: per layer, the order of attention heads, by how much of each base head's weights
   lies outside the row space of each protected head (invariant to any mixing inside a head).
 - ``matrix``: per attention space, a general matrix per K/V head by least squares (undoes
@@ -34,10 +37,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mergeshield.core.assignment import closest_permutation, min_cost_assignment, unit_features
+from mergeshield.core.assignment import GramAccumulator, closest_permutation, min_cost_assignment, unit_features
 from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
 from mergeshield.io.checkpoint import Checkpoint, check_output_path
-from mergeshield.symmetry.spec import HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance
+from mergeshield.symmetry.spec import BoundTensor, HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance
 
 __all__ = ["ATTACKS", "AttackReport", "attack", "estimate_head_permutation", "estimate_permutation", "estimate_scales"]
 
@@ -45,17 +48,20 @@ ATTACKS: dict[str, tuple[str, ...]] = {
     "permutation": ("permutation",),
     "scale": ("scale",),
     "heads": ("heads",),
-    "realign": ("heads", "scale", "permutation"),
-    "realign+fill": ("heads", "scale", "permutation", "fill"),
-    "realign-matrix": ("heads", "matrix", "permutation"),
-    "realign-matrix+fill": ("heads", "matrix", "permutation", "fill"),
+    "residual": ("residual",),
+    "realign": ("residual", "heads", "scale", "permutation"),
+    "realign+fill": ("residual", "heads", "scale", "permutation", "fill"),
+    "realign-matrix": ("residual", "heads", "matrix", "permutation"),
+    "realign-matrix+fill": ("residual", "heads", "matrix", "permutation", "fill"),
 }
 """Registered attacks: name -> the steps it runs, in order. Head order first (protect permutes
 heads last, and scales can only be matched once heads are back in place; the head matching is
 invariant to any mixing inside a head); then per-dimension scales, or with ``matrix`` a general
 per-head matrix for every attention space (covers diagonal scales, ``mix_vo`` and ``mix_qk``;
 projected onto RoPE-compatible matrices where RoPE applies); MLP permutations touch other
-tensors. On a release without head permutation the head step finds (and applies) the identity."""
+tensors. On a release without head permutation the head step finds (and applies) the identity;
+the residual step likewise. The residual step comes first of all: until it is undone, every
+other tensor's rows or columns sit in shuffled residual coordinates."""
 
 
 @dataclass
@@ -76,6 +82,18 @@ def estimate_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre
     f_prot = unit_features([(prot[bt.name], bt.binding) for bt in inst.tensors])
     f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors])
     return Transform(inst.id, perm=closest_permutation(f_pre, f_prot))
+
+
+def estimate_residual_permutation(
+    inst: SpaceInstance, anchors: list[BoundTensor], prot_ckpt: Checkpoint, base: Checkpoint, names: dict[str, str]
+) -> Transform:
+    """Weight matching of the residual stream's dimensions on its anchor tensors (see
+    `mergeshield.protect.residual_anchors`), streamed: only the Gram matrix is kept."""
+    acc = GramAccumulator(inst.size)
+    for bt in anchors:
+        acc.add(unit_features([(base.get(names[bt.name]), bt.binding)]),
+                unit_features([(prot_ckpt.get(bt.name), bt.binding)]))
+    return Transform(inst.id, perm=min_cost_assignment(-acc.gram))
 
 
 def estimate_head_permutation(inst: SpaceInstance, prot: dict[str, torch.Tensor], pre: dict[str, torch.Tensor]) -> Transform:
@@ -176,7 +194,7 @@ def attack(
     Returns:
         The estimated transforms (as applied to the protected model) and the fill count.
     """
-    from mergeshield.protect import _check_base, _transformed, bind_checkpoint, rewrite_checkpoint
+    from mergeshield.protect import _check_base, _model_scope, _transformed, bind_checkpoint, residual_anchors, rewrite_checkpoint
 
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
@@ -187,19 +205,21 @@ def attack(
     with Checkpoint(protected_dir) as prot_ckpt, Checkpoint(base_dir) as base:
         bound = bind_checkpoint(prot_ckpt)
         names = _check_base(prot_ckpt, base, bound)
-        heads_est: dict[str, Transform] = {}
+        undone: dict[str, Transform] = {}  # residual and head estimates, applied before later steps
 
         def current(tensor: str) -> torch.Tensor:
-            """The protected tensor with the head permutations estimated so far undone."""
+            """The protected tensor with the residual and head permutations estimated so far undone."""
             t = prot_ckpt.get(tensor).double()
-            for hi in bound.by_tensor.get(tensor, ()):
-                if hi.id in heads_est:
-                    for bt in hi.tensors:
+            for inst in sorted(bound.by_tensor.get(tensor, ()), key=lambda i: not _model_scope(i)):
+                if inst.id in undone:
+                    for bt in inst.tensors:
                         if bt.name == tensor:
-                            t = apply_transform(t, bt.binding, hi, heads_est[hi.id])
+                            t = apply_transform(t, bt.binding, inst, undone[inst.id])
             return t
 
         def step_of(inst: SpaceInstance) -> str:
+            if _model_scope(inst):
+                return "residual"
             if isinstance(inst.space, HeadPermutationSpace):
                 return "heads"
             if isinstance(inst.space, PermutationSpace):
@@ -209,13 +229,17 @@ def attack(
 
         todo = [(step, inst) for step in steps for inst in bound.instances if step_of(inst) == step]
         for step, inst in tqdm(todo, desc=f"attack ({name})", unit="layer", disable=not progress):
-            prot = {bt.name: current(bt.name) for bt in inst.tensors}
-            pre = {bt.name: base.get(names[bt.name]).double() for bt in inst.tensors}
-            estimate = {"heads": estimate_head_permutation, "permutation": estimate_permutation,
-                        "matrix": estimate_mixing, "scale": estimate_scales}[step]
-            transform = estimate(inst, prot, pre)
-            if step == "heads":
-                heads_est[inst.id] = transform
+            if step == "residual":
+                transform = estimate_residual_permutation(inst, residual_anchors(bound, inst, names), prot_ckpt,
+                                                          base, names)
+            else:
+                prot = {bt.name: current(bt.name) for bt in inst.tensors}
+                pre = {bt.name: base.get(names[bt.name]).double() for bt in inst.tensors}
+                estimate = {"heads": estimate_head_permutation, "permutation": estimate_permutation,
+                            "matrix": estimate_mixing, "scale": estimate_scales}[step]
+                transform = estimate(inst, prot, pre)
+            if step in ("residual", "heads"):
+                undone[inst.id] = transform
             report.transforms.append(transform)
             report.steps[inst.id] = step
             report.instances[inst.id] = inst
@@ -244,12 +268,14 @@ def recovery(key_path: str | os.PathLike[str], report: AttackReport) -> dict[str
         ``perm_units_restored``: fraction of MLP units put back in their original place;
         ``heads_restored``: the same for attention heads (a release without head permutation
         counts as the identity, so a head step that wrongly moves heads scores below 1);
+        ``residual_restored``: the same for the residual stream's dimensions;
         ``scale_rel_err_median`` / ``scale_rel_err_max``: relative error of recovered factors.
     """
     from mergeshield.protect import _read_key
 
     truth = {t.instance_id: t for t in _read_key(Path(key_path))[0]}
-    restored, total, errs, mix_errs = {"permutation": 0, "heads": 0}, {"permutation": 0, "heads": 0}, [], []
+    kinds = ("permutation", "heads", "residual")
+    restored, total, errs, mix_errs = dict.fromkeys(kinds, 0), dict.fromkeys(kinds, 0), [], []
     for est in report.transforms:
         true = truth.get(est.instance_id)
         if est.perm is not None:
@@ -278,6 +304,8 @@ def recovery(key_path: str | os.PathLike[str], report: AttackReport) -> dict[str
         out["perm_units_restored"] = restored["permutation"] / total["permutation"]
     if total["heads"]:
         out["heads_restored"] = restored["heads"] / total["heads"]
+    if total["residual"]:
+        out["residual_restored"] = restored["residual"] / total["residual"]
     if mix_errs:
         out["matrix_rel_err_median"] = float(np.median(np.concatenate(mix_errs)))
     if errs:

@@ -25,6 +25,8 @@ __all__ = [
     "SOLVERS",
     "choose_solver",
     "min_cost_assignment",
+    "GramAccumulator",
+    "farthest_from_gram",
 ]
 
 SOLVERS = ("auto", "exact", "block", "greedy", "random")
@@ -110,6 +112,45 @@ def farthest_permutation(
     if solver == "greedy":
         return _greedy((pre @ tuned.T).numpy(), rng or np.random.default_rng(0))
     return _block(pre, tuned, block_size)
+
+
+class GramAccumulator:
+    """``sum_t pre_t tuned_t^T`` over many tensors' unit features, one tensor at a time.
+
+    For a space that spans the whole model (the residual stream) the unit features are the
+    whole model: they are never concatenated. The Gram matrix (n x n, float64) is all an
+    assignment needs, and with the two squared norms it gives the distances before and after
+    (`distances`)."""
+
+    def __init__(self, n: int) -> None:
+        self.gram = np.zeros((n, n))
+        self.pre2 = self.tuned2 = 0.0
+
+    def add(self, pre: torch.Tensor, tuned: torch.Tensor) -> None:
+        """Add one tensor's ``(n, F)`` features (in float64: the distances before and after are
+        differences of large sums, where float32 products would cost about 1% of a small task
+        vector's norm)."""
+        pre, tuned = pre.double(), tuned.double()
+        self.gram += (pre @ tuned.T).numpy()
+        self.pre2 += float(pre.pow(2).sum())
+        self.tuned2 += float(tuned.pow(2).sum())
+
+    def distances(self, perm: np.ndarray) -> tuple[float, float, float]:
+        """As `permutation_distances`: ``(||pre - tuned||^2, ||pre - tuned[perm]||^2, ||pre||^2)``."""
+        same = float(np.trace(self.gram))
+        moved = float(self.gram[np.arange(len(perm)), perm].sum())
+        base = self.pre2 + self.tuned2
+        return max(base - 2 * same, 0.0), max(base - 2 * moved, 0.0), self.pre2
+
+
+def farthest_from_gram(gram: np.ndarray, solver: str, rng: np.random.Generator) -> np.ndarray:
+    """`farthest_permutation` from the Gram matrix alone (``block`` needs the features: exact)."""
+    solver = choose_solver(solver, gram.shape[0])
+    if solver == "random":
+        return rng.permutation(gram.shape[0]).astype(np.int64)
+    if solver == "greedy":
+        return _greedy(gram, rng)
+    return min_cost_assignment(gram)
 
 
 def _greedy(cost: np.ndarray, rng: np.random.Generator) -> np.ndarray:

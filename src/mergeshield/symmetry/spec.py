@@ -88,6 +88,14 @@ class PermutationSpace(_Frozen):
     name: str
     size: ConfigRef
     bindings: tuple[Binding, ...] = Field(min_length=2)
+    scope: Literal["layer", "model"] = "layer"
+    """``layer``: one permutation per layer (MLP neurons). ``model``: one permutation for the whole
+    model (the residual stream: every tensor that reads or writes it, in every layer, the
+    embeddings and norms too); its instance id is the space name, whatever the name prefix."""
+    refuse: tuple[str, ...] = ()
+    """fnmatch patterns: if any checkpoint tensor matches one, the space is not bound (its
+    description would not cover that tensor, e.g. an LM head tied to the embeddings that reads
+    another space); `BoundModel.skipped` says why."""
 
 
 class ScaleSpace(_Frozen):
@@ -216,6 +224,8 @@ class BoundModel:
     instances: tuple[SpaceInstance, ...]
     invariant: tuple[str, ...]
     by_tensor: Mapping[str, tuple[SpaceInstance, ...]] = field(default_factory=dict)
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    """Space name -> why the family's space was not bound to this checkpoint (see ``refuse``)."""
 
 
 def _template_regex(template: str) -> re.Pattern[str]:
@@ -254,7 +264,14 @@ def bind(
 
     groups: dict[str, dict[int, list[BoundTensor]]] = {}
     group_space: dict[str, AnySpace] = {}
+    skipped: dict[str, str] = {}
     for space in family.spaces:
+        model_scope = isinstance(space, PermutationSpace) and space.scope == "model"
+        refused = sorted(n for n in shapes if isinstance(space, PermutationSpace) and _matches_any(n, space.refuse))
+        if refused:
+            skipped[space.name] = (f"the checkpoint has {refused[:3]}, which the {family.name} '{space.name}' "
+                                   "description does not cover")
+            continue
         for bi, binding in enumerate(space.bindings):
             rx = _template_regex(binding.tensor)
             for name in shapes:
@@ -263,6 +280,8 @@ def bind(
                     continue
                 layer = m.groupdict().get("layer")
                 iid = f"{m['prefix']}{space.name}" + (f".{layer}" if layer is not None else "")
+                if model_scope:
+                    iid = space.name
                 groups.setdefault(iid, {}).setdefault(bi, []).append(
                     BoundTensor(name, binding)
                 )
@@ -274,7 +293,14 @@ def bind(
         found = groups[iid]
         tensors: list[BoundTensor] = []
         for bi, binding in enumerate(space.bindings):
-            hits = found.get(bi, [])
+            hits = sorted(found.get(bi, []), key=lambda bt: _natural_key(bt.name))
+            model_scope = isinstance(space, PermutationSpace) and space.scope == "model"
+            if model_scope:  # one instance for every layer: a template may match many tensors
+                tensors.extend(hits)
+                if not hits and not binding.optional:
+                    raise SpecError(f"{family.name}: {iid} needs tensors matching {binding.tensor!r}; "
+                                    "the checkpoint has none. The architecture differs from the description.")
+                continue
             if len(hits) > 1:
                 raise SpecError(f"{iid}: template {binding.tensor!r} matched {len(hits)} tensors")
             if not hits:
@@ -306,7 +332,7 @@ def bind(
     for inst in instances:
         for name in dict.fromkeys(bt.name for bt in inst.tensors):  # fused tensors: once per instance
             by_tensor.setdefault(name, []).append(inst)
-    return BoundModel(family, tuple(instances), invariant, {k: tuple(v) for k, v in by_tensor.items()})
+    return BoundModel(family, tuple(instances), invariant, {k: tuple(v) for k, v in by_tensor.items()}, skipped)
 
 
 def _sized_instance(
