@@ -25,6 +25,15 @@ def _dist(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return sum(float((a[n] - b[n]).norm() ** 2) for n in a) ** 0.5
 
 
+def _assert_realigned(ft: Path, tmp_path: Path, rec: dict[str, float]) -> None:
+    """Scales recovered, the attacked model (``a``) the same function as the fine-tune and back
+    next to it, compared with the protected release (``p``)."""
+    assert rec["scale_rel_err_median"] < 0.02 and rec["scale_rel_err_max"] < 0.2, rec
+    assert verify(ft, tmp_path / "a", rtol=1e-4).equivalent
+    w_ft, w_p, w_a = _weights(ft), _weights(tmp_path / "p"), _weights(tmp_path / "a")
+    assert _dist(w_a, w_ft) < 0.05 * _dist(w_p, w_ft)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_realignment_fully_recovers_unpruned_protection(tiny_pair, tmp_path, family):
     base, ft, _ = tiny_pair(family)
@@ -33,11 +42,7 @@ def test_realignment_fully_recovers_unpruned_protection(tiny_pair, tmp_path, fam
     rec = recovery(tmp_path / "key", report)
     assert rec["perm_units_restored"] == 1.0
     assert rec.get("residual_restored", 1.0) == 1.0, rec  # no residual permutation: the step finds none
-    assert rec["scale_rel_err_median"] < 0.02 and rec["scale_rel_err_max"] < 0.2, rec
-    # the attacked model is still the same function, and back next to the fine-tune
-    assert verify(ft, tmp_path / "a", rtol=1e-4).equivalent
-    w_ft, w_p, w_a = _weights(ft), _weights(tmp_path / "p"), _weights(tmp_path / "a")
-    assert _dist(w_a, w_ft) < 0.05 * _dist(w_p, w_ft)
+    _assert_realigned(ft, tmp_path, rec)
 
 
 def test_attacked_merge_returns_to_the_unprotected_merge(tiny_pair, tmp_path):
@@ -194,10 +199,7 @@ def test_realignment_recovers_head_permutation_under_scales(tiny_pair, tmp_path,
     report = attack(tmp_path / "p", base, tmp_path / "a", "realign", progress=False)
     rec = recovery(tmp_path / "key", report)
     assert rec["heads_restored"] == 1.0 and rec["perm_units_restored"] == 1.0, rec
-    assert rec["scale_rel_err_median"] < 0.02 and rec["scale_rel_err_max"] < 0.2, rec
-    assert verify(ft, tmp_path / "a", rtol=1e-4).equivalent
-    w_ft, w_p, w_a = _weights(ft), _weights(tmp_path / "p"), _weights(tmp_path / "a")
-    assert _dist(w_a, w_ft) < 0.05 * _dist(w_p, w_ft)
+    _assert_realigned(ft, tmp_path, rec)
     # without the head step, the scales are matched against the wrong heads
     blind = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "s", "scale", progress=False))
     assert (blind["scale_rel_err_max"] > 0.2) == moved, blind
@@ -240,10 +242,7 @@ def test_realignment_recovers_the_residual_permutation_first(tiny_pair, tmp_path
     protect(ft, base, tmp_path / "p", opts, key_out=tmp_path / "key", progress=False)
     rec = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "a", "realign", progress=False))
     assert rec["residual_restored"] == 1.0 and rec["perm_units_restored"] == 1.0, rec
-    assert rec["scale_rel_err_median"] < 0.02 and rec["scale_rel_err_max"] < 0.2, rec
-    assert verify(ft, tmp_path / "a", rtol=1e-4).equivalent
-    w_ft, w_p, w_a = _weights(ft), _weights(tmp_path / "p"), _weights(tmp_path / "a")
-    assert _dist(w_a, w_ft) < 0.05 * _dist(w_p, w_ft)
+    _assert_realigned(ft, tmp_path, rec)
     # the MLP matching alone, in shuffled residual coordinates, puts few units back
     blind = recovery(tmp_path / "key", attack(tmp_path / "p", base, tmp_path / "b", "permutation", progress=False))
     assert blind["perm_units_restored"] < 0.5, blind
