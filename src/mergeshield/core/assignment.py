@@ -106,11 +106,9 @@ def farthest_permutation(
         if rng is None:
             raise ValueError("the random solver needs an rng")
         return rng.permutation(n).astype(np.int64)
-    if solver == "exact":
+    if solver in ("exact", "greedy"):
         # cost[i, j] = <pre_i, tuned_j>: placing tuned unit j at position i; minimise the sum
-        return min_cost_assignment((pre @ tuned.T).numpy())
-    if solver == "greedy":
-        return _greedy((pre @ tuned.T).numpy(), rng or np.random.default_rng(0))
+        return farthest_from_gram((pre @ tuned.T).numpy(), solver, rng or np.random.default_rng(0))
     return _block(pre, tuned, block_size)
 
 

@@ -82,6 +82,8 @@ class MergekitWorker:
 
     def _start(self) -> subprocess.Popen[str]:
         if self._proc is None or self._proc.poll() is not None:
+            if self._log is not None:  # a worker that died: its log handle goes with it
+                self._log.close()
             self._log = self.log_path.open("a")
             env = {**os.environ, "PYTHONHASHSEED": str(self.seed)}
             self._proc = subprocess.Popen(
