@@ -136,6 +136,41 @@ def test_half_precision_is_exact_and_keeps_dtype(tmp_path, dtype):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
+@pytest.mark.parametrize("quantize", ["auto", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_transforms_in_stored_dtype_match_the_float32_computation(tmp_path, dtype, quantize):
+    """protect applies permutations and power-of-two scales in float16/bfloat16 directly: every
+    output tensor must equal the float32 computation (each transform in turn) rounded back.
+    Continuous factors (``none``) are not exact in half precision: they must go through float32."""
+    from mergeshield.core.transforms import apply_transform
+    from mergeshield.io.checkpoint import Checkpoint
+    from mergeshield.protect import _read_key, bind_checkpoint
+
+    base = build("llama", 0)
+    ft = build("llama", 1, finetune_of=base)
+    save(base, tmp_path / "base", dtype=dtype)
+    save(ft, tmp_path / "ft", dtype=dtype)
+    opts = ProtectOptions(seed=3, permute_heads=True, permute_residual=True, scale_quantize=quantize)
+    protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", opts, key_out=tmp_path / "k", progress=False)
+    transforms, _ = _read_key(tmp_path / "k")
+    assert any(t.factors is not None for t in transforms) and any(t.perm is not None for t in transforms)
+    rank = {t.instance_id: k for k, t in enumerate(transforms)}
+    by_id = {t.instance_id: t for t in transforms}
+    ckpt = Checkpoint(tmp_path / "ft")
+    bound = bind_checkpoint(ckpt)
+    out = _weights(tmp_path / "out")
+    changed = 0
+    for name in ckpt.names:
+        c = ckpt.get(name).float()
+        todo = sorted(((inst, bt.binding) for inst in bound.by_tensor.get(name, ()) if inst.id in by_id
+                       for bt in inst.tensors if bt.name == name), key=lambda ib: rank[ib[0].id])
+        for inst, binding in todo:
+            c = apply_transform(c, binding, inst, by_id[inst.id])
+        assert torch.equal(out[name], c.to(dtype)), name
+        changed += bool(todo)
+    assert changed > 10
+
+
 def test_half_precision_bounds_factors_that_would_overflow(tmp_path):
     base = build("llama", 0)
     ft = build("llama", 1, finetune_of=base)

@@ -16,7 +16,10 @@ import hashlib
 import json
 import os
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -32,6 +35,7 @@ from mergeshield.core.assignment import (
     choose_solver,
     farthest_from_gram,
     farthest_permutation,
+    native_bfloat16,
     permutation_distances,
     unit_features,
 )
@@ -50,7 +54,7 @@ from mergeshield.io.checkpoint import (
 )
 from mergeshield.io.naming import match_names
 from mergeshield.symmetry.registry import family_for_model_type
-from mergeshield.symmetry.spec import BoundModel, BoundTensor, HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance, bind
+from mergeshield.symmetry.spec import Binding, BoundModel, BoundTensor, HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance, bind
 
 __all__ = [
     "ProtectOptions",
@@ -184,8 +188,27 @@ def _checked(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
     return t
 
 
+def _to_compute(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+
+
 def _as_compute(t: torch.Tensor, name: str, where: str) -> torch.Tensor:
-    return _checked(t, name, where).to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return _to_compute(_checked(t, name, where))
+
+
+def _exact_in(dtype: torch.dtype, transform: Transform) -> bool:
+    """Whether applying `transform` in `dtype` itself gives the bits the float32/float64
+    computation rounded back to `dtype` gives: a permutation only moves values; a power-of-two
+    factor representable in `dtype` multiplies exactly (the half-precision bounds keep every
+    product in range). Mixing matrices and other factors round: they need the wider dtype."""
+    if transform.perm is not None or dtype in (torch.float32, torch.float64):
+        return True
+    if transform.factors is None:
+        return False
+    f = transform.factors
+    mantissa, _ = np.frexp(f)
+    stored = torch.from_numpy(f).to(dtype).double().numpy()
+    return bool(np.all(mantissa == 0.5) and np.array_equal(stored, f) and np.all(np.isfinite(1.0 / stored)))
 
 
 def _check_base(model: Checkpoint, base: Checkpoint, bound: BoundModel) -> dict[str, str]:
@@ -236,7 +259,7 @@ def _factor_bounds(
             continue
         rows = axis_view(tensors[bt.name], bt.binding).movedim(bt.binding.axis, 0)
         rows = rows.reshape(rows.shape[0], -1)  # (axis_len, rest)
-        r_lo, r_hi = pow2_exponent_bounds(rows.to(dtype), dtype)
+        r_lo, r_hi = pow2_exponent_bounds(rows, dtype)
         if bt.binding.inverse:  # these rows are multiplied by 2**-e
             r_lo, r_hi = -r_hi, -r_lo
         # map expanded rows back to their free factor: expand the free index itself
@@ -322,13 +345,11 @@ def _plan(
             transforms.append(transform)
             reports.append(report)
             continue
-        # a permutation needs only the unit features (float64, built from the stored dtype);
-        # scales work on float32/float64 copies
+        # tensors in their stored dtype: features, bounds and distances convert what they need
         is_perm = isinstance(space, PermutationSpace | HeadPermutationSpace)
-        load = _checked if is_perm else _as_compute
-        tuned = {bt.name: load(model.get(bt.name), bt.name, str(model.folder)) for bt in inst.tensors}
+        tuned = {bt.name: _checked(model.get(bt.name), bt.name, str(model.folder)) for bt in inst.tensors}
         pre = {
-            bt.name: load(base.get(names[bt.name]), names[bt.name], str(base.folder))
+            bt.name: _checked(base.get(names[bt.name]), names[bt.name], str(base.folder))
             for bt in inst.tensors
         }
         detail = ""
@@ -339,12 +360,16 @@ def _plan(
             ftype = torch.float32 if solver in ("block", "random") else torch.float64
             f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
             f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
+            # bfloat16 weights multiply exactly in bfloat16, natively fast on some CPUs
+            stored = {t.dtype for t in (*tuned.values(), *pre.values())}
+            products = torch.bfloat16 if stored == {torch.bfloat16} and native_bfloat16() else None
             del tuned, pre
-            perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(options.seed, inst.id))
+            perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(options.seed, inst.id),
+                                        products=products)
             transform = Transform(inst.id, perm=perm)
             moved = float((perm != np.arange(len(perm))).mean())
             what = "heads (distances before scaling)" if units else "units"
-            detail = f"{solver} solver, {moved:.0%} {what} moved"
+            detail = f"{solver} solver{' (bfloat16 products)' if products and solver == 'block' else ''}, {moved:.0%} {what} moved"
             task2, after2, base2 = permutation_distances(f_pre, f_tuned, perm)
         else:
             assert isinstance(space, ScaleSpace)
@@ -366,11 +391,17 @@ def _plan(
                 detail = f"{kind}, condition <= {options.scale_high / options.scale_low:.3g}"
             task2 = after2 = base2 = 0.0
             for bt in inst.tensors:
-                base2 += float((axis_view(pre[bt.name], bt.binding) ** 2).sum())
-                new = apply_transform(tuned[bt.name], bt.binding, inst, transform)
                 # fused tensors (GPT-2 c_attn) appear once per chunk: measure only the chunk
-                task2 += float(((axis_view(tuned[bt.name], bt.binding) - axis_view(pre[bt.name], bt.binding)) ** 2).sum())
-                after2 += float(((axis_view(new, bt.binding) - axis_view(pre[bt.name], bt.binding)) ** 2).sum())
+                t_c, p_c = _to_compute(tuned[bt.name]), _to_compute(pre[bt.name])
+                if transform.matrices is None:
+                    d = _scaled_distances(axis_view(t_c, bt.binding), axis_view(p_c, bt.binding), bt.binding,
+                                          expand_factors(inst, transform.factors, bt.binding.layout))
+                else:
+                    new = apply_transform(t_c, bt.binding, inst, transform)
+                    pv = axis_view(p_c, bt.binding)
+                    d = (float(((axis_view(t_c, bt.binding) - pv) ** 2).sum()),
+                         float(((axis_view(new, bt.binding) - pv) ** 2).sum()), float((pv**2).sum()))
+                task2, after2, base2 = task2 + d[0], after2 + d[1], base2 + d[2]
         # unmap what this layer read: mapped input pages count as resident memory until released
         model.release()
         base.release()
@@ -384,6 +415,23 @@ def _plan(
             "or becomes subnormal"
         )
     return transforms, reports, notes
+
+
+def _scaled_distances(t: torch.Tensor, p: torch.Tensor, binding: Binding, f: np.ndarray) -> tuple[float, float, float]:
+    """``(||t - p||^2, ||t * f - p||^2, ||p||^2)`` for factors `f` along the binding's axis
+    (``1/f`` on an inverse binding), from per-index sums (no scaled copy of `t`). An index whose
+    factor is 1 takes its distance from the differences themselves (no cancellation)."""
+    if t.ndim == 1:
+        t, p, axis = t[:, None], p[:, None], 0
+    else:
+        axis = binding.axis
+    dims = [k for k in range(t.ndim) if k != axis]
+    diff = t - p
+    d_r = (diff * diff).sum(dims).double()
+    tt_r, tp_r, pp_r = ((t * t).sum(dims).double(), (t * p).sum(dims).double(), (p * p).sum(dims).double())
+    fr = torch.from_numpy(1.0 / f if binding.inverse else f)
+    after = torch.where(fr == 1.0, d_r, (fr * fr * tt_r - 2 * fr * tp_r + pp_r).clamp_min(0.0))
+    return float(d_r.sum()), float(after.sum()), float(pp_r.sum())
 
 
 def _model_scope(inst: SpaceInstance) -> bool:
@@ -451,25 +499,39 @@ def rewrite_checkpoint(
     dtype_of = dtype_of or template.dtype
     digests: dict[str, bytes] = {}
     total = unreleased = 0
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+
+    def store(writer: ShardWriter, name: str, t: torch.Tensor) -> None:
+        writer.write(name, t)
+        digests[name] = tensor_digest(name, t)
+
+    with atomic_output_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1, "mergeshield-writer") as pool:
         copy_non_weight_files(template, tmp)
         bar = tqdm(total=len(template.names), desc=desc, unit="tensor", disable=not progress)
         for shard in template.shards:
             specs = {name: (dtype_of(name), template.shape(name)) for name in shard.names}
             with ShardWriter(tmp / shard.output_name, specs, template.shard_metadata(shard) or {"format": "pt"}) as writer:
-                for name in writer.order:
-                    t = produce(name)
-                    writer.write(name, t)
-                    digests[name] = tensor_digest(name, t)
-                    size = t.numel() * t.element_size()
-                    total += size
-                    unreleased += size
-                    del t
-                    if unreleased >= RELEASE_BYTES:
-                        for ckpt in (template, *inputs):
-                            ckpt.release()  # unmap the input pages read so far
-                        unreleased = 0
-                    bar.update()
+                # Writing and hashing (both release the GIL) run in one worker thread, in order,
+                # while the next tensor is produced; at most one tensor waits for it.
+                pending: deque[Future[None]] = deque()
+                try:
+                    for name in writer.order:
+                        t = produce(name)
+                        while len(pending) > 1:
+                            pending.popleft().result()  # re-raises a write error here
+                        pending.append(pool.submit(store, writer, name, t))
+                        size = t.numel() * t.element_size()
+                        total += size
+                        unreleased += size
+                        del t
+                        if unreleased >= RELEASE_BYTES:
+                            for ckpt in (template, *inputs):
+                                ckpt.release()  # unmap the input pages read so far
+                            unreleased = 0
+                        bar.update()
+                    while pending:
+                        pending.popleft().result()
+                finally:  # never close the file under a running write
+                    futures.wait(pending)
         bar.close()
         write_index(tmp, template, total)
         fingerprint = fingerprint_of(digests)
@@ -519,7 +581,10 @@ def _transformed(
                     f"{ckpt.folder}: tensor {name!r} has NaN/Inf values. Fix or re-export the checkpoint."
                 )
             return t
-        c = _as_compute(t, name, str(ckpt.folder))
+        # in the stored dtype where that is exact (permutations, power-of-two scales): no
+        # float32 round trip of every transformed tensor
+        exact = all(_exact_in(t.dtype, by_id[inst.id]) for inst, _ in todo)
+        c = _checked(t, name, str(ckpt.folder)) if exact else _as_compute(t, name, str(ckpt.folder))
         if prune is not None and prune[0] > 0:
             gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{prune[1]}|prune|{name}".encode()).digest()[:8], "little") >> 1)
             c = c * (torch.rand(c.shape, generator=gen) >= prune[0]).to(c.dtype)

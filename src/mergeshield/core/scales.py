@@ -48,9 +48,9 @@ def pow2_exponent_bounds(
         ``(lo, hi)`` int64 arrays; ``lo > hi`` where no exponent but 0 is safe.
     """
     info = torch.finfo(dtype)
-    a = rows.abs().to(torch.float64)
-    big = a.amax(dim=1).clamp_min(info.tiny).numpy()
-    small = torch.where(a > 0, a, torch.full_like(a, np.inf)).amin(dim=1).numpy()
+    a = rows.to(dtype).abs()  # extremes are exact in the stored dtype: no wider copy needed
+    big = a.amax(dim=1).double().clamp_min(info.tiny).numpy()
+    small = a.masked_fill_(a == 0, float("inf")).amin(dim=1).double().numpy()
     hi = np.floor(np.log2(info.max / 2.0**headroom_bits / big))
     with np.errstate(divide="ignore"):
         lo = np.where(np.isfinite(small), np.ceil(np.log2(info.tiny / np.where(np.isfinite(small), small, 1.0))), -np.inf)

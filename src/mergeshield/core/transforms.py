@@ -112,22 +112,32 @@ def apply_transform(
     Returns:
         A new tensor of the same shape and dtype.
     """
-    out = t.clone()
-    part = axis_view(out, binding)
+    whole = binding.chunk is None  # the binding covers the tensor: build the result in one pass
     if transform.perm is not None:
         idx = element_index(instance, binding, invert_permutation(transform.perm) if inverse else transform.perm)
-        part.copy_(part.index_select(binding.axis, torch.from_numpy(idx).to(part.device)))
+        index = torch.from_numpy(idx).to(t.device)
+        if whole:  # advanced indexing: a new tensor, about 2x faster than index_select off axis 0
+            return t[(slice(None),) * binding.axis + (index,)]
+        out = t.clone()
+        part = axis_view(out, binding)
+        part.copy_(part.index_select(binding.axis, index))
         return out
     if transform.matrices is not None:
-        return _apply_mixing(out, part, binding, instance, transform.matrices, inverse)
+        out = t.clone()
+        return _apply_mixing(out, axis_view(out, binding), binding, instance, transform.matrices, inverse)
     assert transform.factors is not None
     f = expand_factors(instance, transform.factors, binding.layout)
-    shape = [1] * part.ndim
+    shape = [1] * t.ndim
     shape[binding.axis] = -1
-    factor = torch.from_numpy(f).to(dtype=part.dtype, device=part.device).reshape(shape)
+    factor = torch.from_numpy(f).to(dtype=t.dtype, device=t.device).reshape(shape)
     # Dividing (rather than multiplying by 1/f) makes unprotect undo protect to the last bit
     # wherever the product was exact, and always for power-of-two factors.
-    if binding.inverse != inverse:
+    divide = binding.inverse != inverse
+    if whole:
+        return t / factor if divide else t * factor
+    out = t.clone()
+    part = axis_view(out, binding)
+    if divide:
         part.div_(factor)
     else:
         part.mul_(factor)
