@@ -94,3 +94,17 @@ def test_block_costs_in_bfloat16_reach_the_float32_objective():
         for dt in (torch.float32, torch.bfloat16)
     }
     assert gains[torch.bfloat16] >= 0.999 * gains[torch.float32]
+
+
+@pytest.mark.parametrize(("n", "width"), [(1, 3), (37, 5000), (300, 700), (1000, 131)])
+def test_permutation_distances_match_float64_at_every_chunking(n, width):
+    """Chunk boundaries (rows per dot product, rows per gather) must not drop or repeat units."""
+    from mergeshield.core.assignment import permutation_distances
+
+    g = torch.Generator().manual_seed(n)
+    pre = torch.randn(n, width, generator=g)
+    tuned = pre + 0.1 * torch.randn(n, width, generator=g)
+    perm = np.random.default_rng(n).permutation(n)
+    p64, t64 = pre.double(), tuned.double()
+    want = (float(((p64 - t64) ** 2).sum()), float(((p64 - t64[torch.from_numpy(perm)]) ** 2).sum()), float((p64**2).sum()))
+    np.testing.assert_allclose(permutation_distances(pre, tuned, perm), want, rtol=1e-5)

@@ -5,9 +5,10 @@ Sacrificing Accuracy", ICCV 2025, arXiv 2503.07661. MLP hidden units are permute
 assignment that moves them farthest from the pretrained weights; attention Q/K and V/O are
 scaled per dimension by random factors and their inverses (RoPE pairs and GQA groups tied).
 
-Two streaming passes over the checkpoint: the first plans one space instance (one layer's MLP
-or attention) at a time, reading only its tensors from the model and the base; the second
-rewrites one shard at a time. Peak memory is about one shard plus one layer's tensors.
+One streaming pass over the checkpoint: tensors are written one at a time in file order, and
+a space instance (one layer's MLP or attention part) is planned when the first of its tensors
+is reached, reading only its tensors from the model and the base. Peak memory is about one
+layer's tensors and their unit features plus two output tensors in flight.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import json
 import os
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -298,64 +299,98 @@ def _rope_mixing_matrices(rng: np.random.Generator, inst: SpaceInstance, options
     return out
 
 
-def _plan(
-    model: Checkpoint,
-    base: Checkpoint,
-    bound: BoundModel,
-    names: dict[str, str],
-    options: ProtectOptions,
-    progress: bool,
-) -> tuple[list[Transform], list[InstanceReport], list[str]]:
-    transforms: list[Transform] = []
-    reports: list[InstanceReport] = []
-    notes: list[str] = []
-    dtypes = {model.dtype(bt.name) for inst in bound.instances for bt in inst.tensors}
-    quantize = options.scale_quantize
-    if quantize == "auto":
-        quantize = "pow2" if dtypes & set(HALF_DTYPES) else "none"
-    if quantize == "pow2":
-        notes.append("scale factors rounded to powers of two (exact in float16/bfloat16)")
-    if (options.mix_vo or options.mix_qk) and dtypes & set(HALF_DTYPES):
-        flag = "--mix-vo" if options.mix_vo else "--mix-qk"
-        raise NumericError(
-            f"{flag.lstrip('-').replace('-', '_')}: per-head mixing matrices cannot be applied exactly "
-            "to float16/bfloat16 weights (the protected model would not compute the same function). "
-            f"Protect a float32 copy, or drop {flag} to use power-of-two scales."
-        )
-    if options.permute_residual and not any(_model_scope(i) for i in bound.instances):
-        why = bound.skipped.get("residual", f"the {bound.family.name} description has no residual-stream space "
-                                "(described for bert, llama, gpt2 and vit)")
-        raise SpecError(f"--permute-residual: {why}. Protect without it.")
-    clamped = 0
-    # Head permutations come last, so that the scales (planned on the tensors as stored, with
-    # their half-precision bounds) act on heads in their stored order; the key keeps this order.
-    instances = sorted(bound.instances, key=lambda i: isinstance(i.space, HeadPermutationSpace))
-    for inst in tqdm(instances, desc="planning", unit="layer", disable=not progress):
-        space = inst.space
-        enabled = (
-            options.permute_residual if _model_scope(inst)
-            else options.permute_mlp if isinstance(space, PermutationSpace)
-            else options.permute_heads if isinstance(space, HeadPermutationSpace)
-            else (options.scale_qk if space.role == "qk" else options.scale_vo)
-        )
-        if not enabled:
-            continue
+class _Plan(Mapping[str, Transform]):
+    """The transforms to apply, by instance id in key order, each planned when first looked up.
+
+    protect writes the output in one pass: a space instance (one layer's MLP or attention part)
+    is planned when the writer first reaches one of its tensors, reading only that instance's
+    tensors from the model and the base, which the writer then reads again while they are
+    still mapped. Each instance's random draw is keyed by its id, so the order does not change
+    the result. `reports` lists the planned instances in key order."""
+
+    def __init__(
+        self, model: Checkpoint, base: Checkpoint, bound: BoundModel, names: dict[str, str], options: ProtectOptions
+    ) -> None:
+        self.model, self.base, self.bound, self.names, self.options = model, base, bound, names, options
+        self.notes: list[str] = []
+        dtypes = {model.dtype(bt.name) for inst in bound.instances for bt in inst.tensors}
+        quantize = options.scale_quantize
+        if quantize == "auto":
+            quantize = "pow2" if dtypes & set(HALF_DTYPES) else "none"
+        self.quantize = quantize
+        if quantize == "pow2":
+            self.notes.append("scale factors rounded to powers of two (exact in float16/bfloat16)")
+        if (options.mix_vo or options.mix_qk) and dtypes & set(HALF_DTYPES):
+            flag = "--mix-vo" if options.mix_vo else "--mix-qk"
+            raise NumericError(
+                f"{flag.lstrip('-').replace('-', '_')}: per-head mixing matrices cannot be applied exactly "
+                "to float16/bfloat16 weights (the protected model would not compute the same function). "
+                f"Protect a float32 copy, or drop {flag} to use power-of-two scales."
+            )
+        if options.permute_residual and not any(_model_scope(i) for i in bound.instances):
+            why = bound.skipped.get("residual", f"the {bound.family.name} description has no residual-stream space "
+                                    "(described for bert, llama, gpt2 and vit)")
+            raise SpecError(f"--permute-residual: {why}. Protect without it.")
+        # Head permutations come last, so that the scales (planned on the tensors as stored, with
+        # their half-precision bounds) act on heads in their stored order; the key keeps this order.
+        ordered = sorted(bound.instances, key=lambda i: isinstance(i.space, HeadPermutationSpace))
+        self.instances = {inst.id: inst for inst in ordered if self._enabled(inst)}
+        self.clamped = 0
+        self._done: dict[str, tuple[Transform, InstanceReport]] = {}
+
+    def _enabled(self, inst: SpaceInstance) -> bool:
+        space, o = inst.space, self.options
         if _model_scope(inst):
-            transform, report = _plan_residual(model, base, bound, inst, names, options)
-            transforms.append(transform)
-            reports.append(report)
-            continue
+            return o.permute_residual
+        if isinstance(space, PermutationSpace):
+            return o.permute_mlp
+        if isinstance(space, HeadPermutationSpace):
+            return o.permute_heads
+        return o.scale_qk if space.role == "qk" else o.scale_vo
+
+    def __getitem__(self, iid: str) -> Transform:
+        if iid not in self._done:
+            inst = self.instances[iid]
+            if _model_scope(inst):
+                self._done[iid] = _plan_residual(self.model, self.base, self.bound, inst, self.names, self.options)
+            else:
+                self._done[iid] = self._plan(inst)
+        return self._done[iid][0]
+
+    def __contains__(self, iid: object) -> bool:  # enabled, planned or not (never plans)
+        return iid in self.instances
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.instances)
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def finish(self) -> tuple[list[Transform], list[InstanceReport], list[str]]:
+        """Plan whatever no tensor asked for yet; the transforms, reports and notes in key order."""
+        transforms = [self[iid] for iid in self.instances]
+        reports = [self._done[iid][1] for iid in self.instances]
+        notes = list(self.notes)
+        if self.clamped:
+            notes.append(
+                f"{self.clamped} scale factor(s) were bounded so that no float16/bfloat16 weight overflows "
+                "or becomes subnormal"
+            )
+        return transforms, reports, notes
+
+    def _plan(self, inst: SpaceInstance) -> tuple[Transform, InstanceReport]:
+        space = inst.space
         # tensors in their stored dtype: features, bounds and distances convert what they need
         is_perm = isinstance(space, PermutationSpace | HeadPermutationSpace)
-        tuned = {bt.name: _checked(model.get(bt.name), bt.name, str(model.folder)) for bt in inst.tensors}
+        tuned = {bt.name: _checked(self.model.get(bt.name), bt.name, str(self.model.folder)) for bt in inst.tensors}
         pre = {
-            bt.name: _checked(base.get(names[bt.name]), names[bt.name], str(base.folder))
+            bt.name: _checked(self.base.get(self.names[bt.name]), self.names[bt.name], str(self.base.folder))
             for bt in inst.tensors
         }
         detail = ""
         if is_perm:
             units = inst.size if isinstance(space, HeadPermutationSpace) else None
-            solver = choose_solver(options.solver, inst.size)
+            solver = choose_solver(self.options.solver, inst.size)
             # block and random compute in float32 anyway: half the memory, the same permutation
             ftype = torch.float32 if solver in ("block", "random") else torch.float64
             f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
@@ -364,7 +399,7 @@ def _plan(
             stored = {t.dtype for t in (*tuned.values(), *pre.values())}
             products = torch.bfloat16 if stored == {torch.bfloat16} and native_bfloat16() else None
             del tuned, pre
-            perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(options.seed, inst.id),
+            perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(self.options.seed, inst.id),
                                         products=products)
             transform = Transform(inst.id, perm=perm)
             moved = float((perm != np.arange(len(perm))).mean())
@@ -373,22 +408,22 @@ def _plan(
             task2, after2, base2 = permutation_distances(f_pre, f_tuned, perm)
         else:
             assert isinstance(space, ScaleSpace)
-            rng = _instance_rng(options.seed, inst.id)
-            factors = sample_factors(rng, inst.size, options.scale_low, options.scale_high, options.scale_law)
-            if quantize == "pow2":
+            rng = _instance_rng(self.options.seed, inst.id)
+            factors = sample_factors(rng, inst.size, self.options.scale_low, self.options.scale_high, self.options.scale_law)
+            if self.quantize == "pow2":
                 exps = np.round(np.log2(factors)).astype(np.int64)
-                lo, hi = _factor_bounds(model, inst, tuned)
+                lo, hi = _factor_bounds(self.model, inst, tuned)
                 ok = lo <= hi
                 bounded = np.where(ok, np.clip(exps, lo, hi), 0)
-                clamped += int((bounded != exps).sum())
+                self.clamped += int((bounded != exps).sum())
                 factors = np.exp2(bounded.astype(np.float64))
             transform = Transform(inst.id, factors=factors)
             detail = f"factors {factors.min():.3g}..{factors.max():.3g}"
-            if (options.mix_vo and space.role == "vo") or (options.mix_qk and space.role == "qk"):
+            if (self.options.mix_vo and space.role == "vo") or (self.options.mix_qk and space.role == "qk"):
                 make = _mixing_matrices if space.rope == "none" else _rope_mixing_matrices
-                transform = Transform(inst.id, matrices=make(rng, inst, options))
+                transform = Transform(inst.id, matrices=make(rng, inst, self.options))
                 kind = "per-head mixing" if space.rope == "none" else "per-pair rotation and scale (RoPE)"
-                detail = f"{kind}, condition <= {options.scale_high / options.scale_low:.3g}"
+                detail = f"{kind}, condition <= {self.options.scale_high / self.options.scale_low:.3g}"
             task2 = after2 = base2 = 0.0
             for bt in inst.tensors:
                 # fused tensors (GPT-2 c_attn) appear once per chunk: measure only the chunk
@@ -402,19 +437,8 @@ def _plan(
                     d = (float(((axis_view(t_c, bt.binding) - pv) ** 2).sum()),
                          float(((axis_view(new, bt.binding) - pv) ** 2).sum()), float((pv**2).sum()))
                 task2, after2, base2 = task2 + d[0], after2 + d[1], base2 + d[2]
-        # unmap what this layer read: mapped input pages count as resident memory until released
-        model.release()
-        base.release()
-        transforms.append(transform)
         kind = "heads" if isinstance(space, HeadPermutationSpace) else space.kind if is_perm else f"scale-{space.role}"
-        reports.append(InstanceReport(inst.id, kind,
-                                      task2**0.5, after2**0.5, base2**0.5, detail))
-    if clamped:
-        notes.append(
-            f"{clamped} scale factor(s) were bounded so that no float16/bfloat16 weight overflows "
-            "or becomes subnormal"
-        )
-    return transforms, reports, notes
+        return transform, InstanceReport(inst.id, kind, task2**0.5, after2**0.5, base2**0.5, detail)
 
 
 def _scaled_distances(t: torch.Tensor, p: torch.Tensor, binding: Binding, f: np.ndarray) -> tuple[float, float, float]:
@@ -550,16 +574,18 @@ def fingerprint_of(digests: dict[str, bytes]) -> str:
 def _transformed(
     ckpt: Checkpoint,
     bound: BoundModel,
-    transforms: Iterable[Transform],
+    transforms: Mapping[str, Transform] | Sequence[Transform],
     *,
     inverse: bool = False,
     prune: tuple[float, int] | None = None,
 ) -> Callable[[str], torch.Tensor]:
     """``produce(name)`` for `rewrite_checkpoint`: the tensor with every transform applied.
 
-    ``prune=(rate, seed)`` zeroes a random fraction of each transformed tensor first.
+    `transforms` in key order: a list, or a mapping by instance id (a `_Plan` plans each one
+    when first looked up). ``prune=(rate, seed)`` zeroes a random fraction of each transformed
+    tensor first.
     """
-    by_id = {t.instance_id: t for t in transforms}
+    by_id = transforms if isinstance(transforms, Mapping) else {t.instance_id: t for t in transforms}
     rank = {iid: k for k, iid in enumerate(by_id)}
 
     def produce(name: str) -> torch.Tensor:
@@ -693,34 +719,37 @@ def protect(
     with Checkpoint(model_dir) as model, Checkpoint(base_dir) as base:
         bound = bind_checkpoint(model)
         names = _check_base(model, base, bound)
-        transforms, reports, notes = _plan(model, base, bound, names, options, progress)
-        ratio = _task_vector_ratio(reports)
-        if ratio > 0.5:
-            notes.append(
-                f"WARNING: the task vector is {ratio:.0%} of the base weights' norm in the "
-                "transformed layers: implausibly large for a fine-tune. Is --base really this model's "
-                "pretrained checkpoint?"
-            )
-        produce = _transformed(model, bound, transforms, prune=(options.prune_rate, options.seed))
-        if options.prune_rate > 0:
-            notes.append(
-                f"pruning zeroed about {options.prune_rate:.0%} of every transformed tensor: the protected "
-                "model no longer computes exactly the same function (verify will say so); measure "
-                "its accuracy"
-            )
+        plan = _Plan(model, base, bound, names, options)  # refuses impossible options before writing
+        produce = _transformed(model, bound, plan, prune=(options.prune_rate, options.seed))
         meta = {
             "family": bound.family.name,
             "model_type": model.model_type,
             "options": options.model_dump(),
         }
+        done: list[tuple[list[Transform], list[InstanceReport], list[str]]] = []
 
         def commit_key(fp: str) -> None:
+            done.append(plan.finish())
             if key_path is not None:
-                _write_key(key_path, transforms, {**meta, "fingerprint": fp})
+                _write_key(key_path, done[0][0], {**meta, "fingerprint": fp})
 
         fingerprint = rewrite_checkpoint(
-            model, out, produce, overwrite=overwrite, progress=progress, desc="writing",
-            before_commit=commit_key,
+            model, out, produce, overwrite=overwrite, progress=progress, desc="protecting",
+            before_commit=commit_key, inputs=[base],
+        )
+    _, reports, notes = done[0]
+    ratio = _task_vector_ratio(reports)
+    if ratio > 0.5:
+        notes.append(
+            f"WARNING: the task vector is {ratio:.0%} of the base weights' norm in the "
+            "transformed layers: implausibly large for a fine-tune. Is --base really this model's "
+            "pretrained checkpoint?"
+        )
+    if options.prune_rate > 0:
+        notes.append(
+            f"pruning zeroed about {options.prune_rate:.0%} of every transformed tensor: the protected "
+            "model no longer computes exactly the same function (verify will say so); measure "
+            "its accuracy"
         )
     return ProtectReport(out, bound.family.name, fingerprint, reports, key_path, notes)
 
