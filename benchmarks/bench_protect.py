@@ -89,10 +89,11 @@ def make_checkpoints(work: Path, shape: str, seed: int = 0) -> tuple[Path, Path]
     return out[0], out[1]
 
 
-def _timed(code: str) -> dict[str, float]:
-    """Run python code in a fresh process; wall seconds and peak RSS (GiB)."""
+def _timed(code: str, setup: str = "") -> dict[str, float]:
+    """Run python code in a fresh process; wall seconds (after `setup`, e.g. imports) and peak
+    RSS (GiB)."""
     wrapper = (
-        "import resource, time, json\nt=time.perf_counter()\n" + code +
+        "import resource, time, json\n" + setup + "\nt=time.perf_counter()\n" + code +
         "\nprint(json.dumps({'seconds': time.perf_counter()-t, "
         "'peak_rss_gib': max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
         "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)/2**20}))"
@@ -122,18 +123,19 @@ def main() -> None:
     results: dict[str, object] = {"shape": args.shape, "params_b": n_params / 1e9, "cpus": os.cpu_count()}
     print(f"{args.shape}: {n_params / 1e9:.2f}B parameters, bfloat16, {len(Checkpoint(ft).shards)} shard(s)")
 
+    # imports (about 2 s) and deleting the previous run's output are left out of the timings
     copy = _timed(
-        "from mergeshield.io.checkpoint import Checkpoint\n"
-        "from mergeshield.protect import rewrite_checkpoint\n"
         f"c=Checkpoint(r'{ft}')\n"
-        f"rewrite_checkpoint(c, __import__('pathlib').Path(r'{work / 'copy'}'), c.get, overwrite=True, progress=False, desc='')"
+        f"rewrite_checkpoint(c, __import__('pathlib').Path(r'{work / 'copy'}'), c.get, overwrite=True, progress=False, desc='')",
+        setup="from mergeshield.io.checkpoint import Checkpoint\nfrom mergeshield.protect import rewrite_checkpoint\n"
+        f"import shutil; shutil.rmtree(r'{work / 'copy'}', ignore_errors=True)",
     )
     results["copy"] = copy
     print(f"copy (read + write, the floor): {copy['seconds']:.1f} s, peak RSS {copy['peak_rss_gib']:.2f} GiB")
     for solver in args.solvers.split(","):
         r = _timed(
-            "from mergeshield import protect, ProtectOptions\n"
-            f"protect(r'{ft}', r'{base}', r'{work / 'prot'}', ProtectOptions(solver='{solver}'), overwrite=True, progress=False)"
+            f"protect(r'{ft}', r'{base}', r'{work / 'prot'}', ProtectOptions(solver='{solver}'), overwrite=True, progress=False)",
+            setup=f"from mergeshield import protect, ProtectOptions\nimport shutil; shutil.rmtree(r'{work / 'prot'}', ignore_errors=True)",
         )
         r["ratio_to_copy"] = r["seconds"] / copy["seconds"]
         results[f"protect_{solver}"] = r
