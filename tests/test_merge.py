@@ -199,10 +199,14 @@ def test_our_merges_match_mergekit(tiny_pair, tmp_path, family, case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [1, 2, 3, 5])
-def test_streamed_average_and_task_arithmetic_equal_the_stacked_formula_bitwise(dtype, n):
-    """The no-sparsify path accumulates task vectors one at a time instead of stacking them; it must
-    give the same bytes as ``base + lam * stack(taus).sum(0)`` (committed results depend on it)."""
+def test_streamed_average_and_task_arithmetic_equal_the_stacked_formula_bitwise(dtype, n, monkeypatch):
+    """The no-sparsify path accumulates task vectors one at a time, chunk by chunk, instead of
+    stacking them; it must give the same bytes as ``base + lam * stack(taus).sum(0)`` (committed
+    results depend on it), whatever the chunking, and leave its inputs untouched."""
+    from mergeshield.merge import methods
     from mergeshield.merge.methods import make_method, merge_tensor
+
+    monkeypatch.setattr(methods, "CHUNK", 1000)  # 300 x 129 values: 39 chunks, the last one partial
 
     g = torch.Generator().manual_seed(n)
     b = torch.randn(300, 129, generator=g).to(dtype)
@@ -211,7 +215,9 @@ def test_streamed_average_and_task_arithmetic_equal_the_stacked_formula_bitwise(
         lam = 1 / n if method.lam is None else method.lam
         bf = b.float()
         ref = (bf + lam * torch.stack([t.float() - bf for t in ts]).sum(0)).to(dtype)
+        before = [b.clone(), *(t.clone() for t in ts)]
         assert torch.equal(merge_tensor(b, ts, method), ref)
+        assert all(torch.equal(x, y) for x, y in zip(before, [b, *ts]))
 
 
 @settings(max_examples=80, deadline=None)
