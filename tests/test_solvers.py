@@ -108,3 +108,18 @@ def test_permutation_distances_match_float64_at_every_chunking(n, width):
     p64, t64 = pre.double(), tuned.double()
     want = (float(((p64 - t64) ** 2).sum()), float(((p64 - t64[torch.from_numpy(perm)]) ** 2).sum()), float((p64**2).sum()))
     np.testing.assert_allclose(permutation_distances(pre, tuned, perm), want, rtol=1e-5)
+
+
+def test_bfloat16_features_give_the_float32_features_block_permutation_and_distances():
+    """protect keeps bfloat16 features for bfloat16 products (converting small pieces only): the
+    permutation and the distances must be those of float32 features holding the same values."""
+    from mergeshield.core.assignment import farthest_permutation, permutation_distances
+
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(2500, 300, generator=g).to(torch.bfloat16)
+    tuned = (pre.float() + 0.05 * torch.randn(2500, 300, generator=g)).to(torch.bfloat16)
+    a = farthest_permutation(pre, tuned, "block", block_size=512, products=torch.bfloat16)
+    b = farthest_permutation(pre.float(), tuned.float(), "block", block_size=512, products=torch.bfloat16)
+    assert np.array_equal(a, b)
+    np.testing.assert_allclose(permutation_distances(pre, tuned, a), permutation_distances(pre.float(), tuned.float(), a),
+                               rtol=1e-12)

@@ -391,13 +391,15 @@ class _Plan(Mapping[str, Transform]):
         if is_perm:
             units = inst.size if isinstance(space, HeadPermutationSpace) else None
             solver = choose_solver(self.options.solver, inst.size)
-            # block and random compute in float32 anyway: half the memory, the same permutation
-            ftype = torch.float32 if solver in ("block", "random") else torch.float64
-            f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
-            f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
-            # bfloat16 weights multiply exactly in bfloat16, natively fast on some CPUs
+            # bfloat16 weights multiply exactly in bfloat16, natively fast on some CPUs: their
+            # features then stay bfloat16 (a copy, no conversion, half the memory). Otherwise
+            # block and random compute in float32 (the same permutation as float64, half the
+            # memory) and exact and greedy in float64.
             stored = {t.dtype for t in (*tuned.values(), *pre.values())}
             products = torch.bfloat16 if stored == {torch.bfloat16} and native_bfloat16() else None
+            ftype = ((products or torch.float32) if solver in ("block", "random") else torch.float64)
+            f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
+            f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
             del tuned, pre
             perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(self.options.seed, inst.id),
                                         products=products)

@@ -182,19 +182,19 @@ def _greedy(cost: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _block(pre: torch.Tensor, tuned: torch.Tensor, block_size: int, products: torch.dtype) -> np.ndarray:
     n = pre.shape[0]
-    # float32 is plenty for a sort key and for block costs (the exact solver keeps float64)
-    pre, tuned = pre.float(), tuned.float()
+    # float32 is plenty for a sort key (the exact solver keeps float64); features may come in
+    # bfloat16 (protect's, for bfloat16 products): only small pieces are ever converted
     # leading principal direction of the base units (a few power iterations suffice for sorting),
     # without materialising the centred matrix: (X - 1m^T)^T w = X^T w - m sum(w)
-    sample = pre[:: max(1, n // 2048)]  # the direction only orders units: a sample finds it
+    sample = pre[:: max(1, n // 2048)].float()  # the direction only orders units: a sample finds it
     mean = sample.mean(0)
     v = torch.ones(pre.shape[1]) / pre.shape[1] ** 0.5
     for _ in range(8):
         w = sample @ v - mean @ v
         v = sample.T @ w - mean * w.sum()
         v = v / v.norm().clamp_min(1e-30)
-    rows = np.argsort((pre @ v).numpy(), kind="stable")
-    cols = np.argsort(-(tuned @ v).numpy(), kind="stable")
+    rows = np.argsort(_keys(pre, v), kind="stable")
+    cols = np.argsort(-_keys(tuned, v), kind="stable")
     perm = np.empty(n, dtype=np.int64)
     # scipy's assignment releases the GIL: blocks are solved in threads while the next block's
     # costs are multiplied (each block is independent: the result does not depend on timing)
@@ -211,6 +211,14 @@ def _block(pre: torch.Tensor, tuned: torch.Tensor, block_size: int, products: to
     return perm
 
 
+def _keys(x: torch.Tensor, v: torch.Tensor) -> np.ndarray:
+    """``x @ v`` in float32, converting x a few rows at a time if it is stored narrower."""
+    if x.dtype in (torch.float32, torch.float64):
+        return (x.float() @ v).numpy()
+    step = max(1, (1 << 18) // max(1, x.shape[1]))
+    return torch.cat([x[i : i + step].float() @ v for i in range(0, x.shape[0], step)]).numpy()
+
+
 def closest_permutation(pre: torch.Tensor, tuned: torch.Tensor) -> np.ndarray:
     """The gather index P minimising ``||pre - tuned[P]||^2`` (weight matching, the attack)."""
     return min_cost_assignment(-(pre @ tuned.T).numpy())
@@ -224,8 +232,8 @@ def permutation_objective(pre: torch.Tensor, tuned: torch.Tensor, perm: np.ndarr
 def permutation_distances(pre: torch.Tensor, tuned: torch.Tensor, perm: np.ndarray) -> tuple[float, float, float]:
     """``(||pre - tuned||^2, ||pre - tuned[perm]||^2, ||pre||^2)``, over chunks of units.
 
-    Dot products in the features' dtype (float32 features hold float16/bfloat16 weights exactly)
-    over chunks of about 128K values, added in float64: about 1e-8 relative error in float32
+    Dot products in float32 (or float64 for float64 features; half-precision features are
+    converted a chunk at a time) over chunks of about 128K values, added in float64: about 1e-8 relative error in float32
     (one long float32 dot product would reach 1e-4; torch's float32 norm 1e-3), at BLAS speed.
     The distance before is summed from the differences, not from ``a.a + b.b - 2 a.b``, which
     cancels for a small task vector; the distance after has no such cancellation (a permutation
@@ -235,11 +243,12 @@ def permutation_distances(pre: torch.Tensor, tuned: torch.Tensor, perm: np.ndarr
     width = max(1, pre.shape[1])
     step = max(1, (1 << 17) // width)  # rows per dot product
     gather = 8 * step  # rows per gather: a few large gathers are cheap, many small ones are not
+    wide = torch.float64 if pre.dtype == torch.float64 else torch.float32  # half: per chunk
     for outer in range(0, pre.shape[0], gather):
         rows = tuned.index_select(0, idx[outer : outer + gather])
         for start in range(outer, min(outer + gather, pre.shape[0]), step):
-            p, t = pre[start : start + step].reshape(-1), tuned[start : start + step].reshape(-1)
-            m = rows[start - outer : start - outer + step].reshape(-1)
+            p, t = pre[start : start + step].reshape(-1).to(wide), tuned[start : start + step].reshape(-1).to(wide)
+            m = rows[start - outer : start - outer + step].reshape(-1).to(wide)
             d = p - t
             pp, tt = pp + float(p @ p), tt + float(t @ t)
             before, moved = before + float(d @ d), moved + float(p @ m)
