@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     ap.add_argument("--solvers", default="auto,block,random", help="protect solvers to time (exact is slow at 7b)")
     ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds of copy + protect runs (medians are reported)")
     args = ap.parse_args()
     import torch
 
@@ -123,23 +125,38 @@ def main() -> None:
     results: dict[str, object] = {"shape": args.shape, "params_b": n_params / 1e9, "cpus": os.cpu_count()}
     print(f"{args.shape}: {n_params / 1e9:.2f}B parameters, bfloat16, {len(Checkpoint(ft).shards)} shard(s)")
 
-    # imports (about 2 s) and deleting the previous run's output are left out of the timings
-    copy = _timed(
+    # imports (about 2 s) and deleting the previous run's output are left out of the timings;
+    # protect's own import of transformers (for the config defaults, about 1.5 s) is counted
+    copy_code = (
         f"c=Checkpoint(r'{ft}')\n"
-        f"rewrite_checkpoint(c, __import__('pathlib').Path(r'{work / 'copy'}'), c.get, overwrite=True, progress=False, desc='')",
-        setup="from mergeshield.io.checkpoint import Checkpoint\nfrom mergeshield.protect import rewrite_checkpoint\n"
-        f"import shutil; shutil.rmtree(r'{work / 'copy'}', ignore_errors=True)",
+        f"rewrite_checkpoint(c, __import__('pathlib').Path(r'{work / 'copy'}'), c.get, overwrite=True, progress=False, desc='')"
     )
+    copy_setup = ("from mergeshield.io.checkpoint import Checkpoint\nfrom mergeshield.protect import rewrite_checkpoint\n"
+                  f"import shutil; shutil.rmtree(r'{work / 'copy'}', ignore_errors=True)")
+    solvers = args.solvers.split(",")
+    runs: dict[str, list[dict[str, float]]] = {"copy": [], **{s: [] for s in solvers}}
+    for rep in range(args.repeat):  # interleaved, so that a slow spell of the machine hits all alike
+        runs["copy"].append(_timed(copy_code, copy_setup))
+        for solver in solvers:
+            runs[solver].append(_timed(
+                f"protect(r'{ft}', r'{base}', r'{work / 'prot'}', ProtectOptions(solver='{solver}'), overwrite=True, progress=False)",
+                setup=f"from mergeshield import protect, ProtectOptions\nimport shutil; shutil.rmtree(r'{work / 'prot'}', ignore_errors=True)",
+            ))
+        print(f"round {rep + 1}/{args.repeat}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s" for k, v in runs.items()))
+
+    def median(rs: list[dict[str, float]]) -> dict[str, object]:
+        return {"seconds": statistics.median(r["seconds"] for r in rs),
+                "peak_rss_gib": max(r["peak_rss_gib"] for r in rs), "runs": rs}
+
+    copy = median(runs["copy"])
     results["copy"] = copy
-    print(f"copy (read + write, the floor): {copy['seconds']:.1f} s, peak RSS {copy['peak_rss_gib']:.2f} GiB")
-    for solver in args.solvers.split(","):
-        r = _timed(
-            f"protect(r'{ft}', r'{base}', r'{work / 'prot'}', ProtectOptions(solver='{solver}'), overwrite=True, progress=False)",
-            setup=f"from mergeshield import protect, ProtectOptions\nimport shutil; shutil.rmtree(r'{work / 'prot'}', ignore_errors=True)",
-        )
+    print(f"copy (read + write, the floor): median {copy['seconds']:.1f} s of {args.repeat}, "
+          f"peak RSS {copy['peak_rss_gib']:.2f} GiB")
+    for solver in solvers:
+        r = median(runs[solver])
         r["ratio_to_copy"] = r["seconds"] / copy["seconds"]
         results[f"protect_{solver}"] = r
-        print(f"protect [{solver}]: {r['seconds']:.1f} s = {r['ratio_to_copy']:.2f}x copy, "
+        print(f"protect [{solver}]: median {r['seconds']:.1f} s = {r['ratio_to_copy']:.2f}x copy, "
               f"peak RSS {r['peak_rss_gib']:.2f} GiB")
 
     # objective fraction per solver on one MLP layer
