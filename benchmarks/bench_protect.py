@@ -113,10 +113,13 @@ def main() -> None:
     ap.add_argument("--solvers", default="auto,block,random", help="protect solvers to time (exact is slow at 7b)")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of copy + protect runs (medians are reported)")
+    ap.add_argument("--parts", default="protect,objective,merge", help="which measurements to run")
+    ap.add_argument("--exact-layer", action="store_true", help="run the exact solver on one layer even above 6000 units")
     args = ap.parse_args()
     import torch
 
     work = args.work
+    parts = set(args.parts.split(","))
     work.mkdir(parents=True, exist_ok=True)
     base, ft = make_checkpoints(work, args.shape)
     from mergeshield.io.checkpoint import Checkpoint
@@ -125,82 +128,84 @@ def main() -> None:
     results: dict[str, object] = {"shape": args.shape, "params_b": n_params / 1e9, "cpus": os.cpu_count()}
     print(f"{args.shape}: {n_params / 1e9:.2f}B parameters, bfloat16, {len(Checkpoint(ft).shards)} shard(s)")
 
-    # imports (about 2 s) and deleting the previous run's output are left out of the timings;
-    # protect's own import of transformers (for the config defaults, about 1.5 s) is counted
-    copy_code = (
-        f"c=Checkpoint(r'{ft}')\n"
-        f"rewrite_checkpoint(c, __import__('pathlib').Path(r'{work / 'copy'}'), c.get, overwrite=True, progress=False, desc='')"
-    )
-    copy_setup = ("from mergeshield.io.checkpoint import Checkpoint\nfrom mergeshield.protect import rewrite_checkpoint\n"
-                  f"import shutil; shutil.rmtree(r'{work / 'copy'}', ignore_errors=True)")
-    solvers = args.solvers.split(",")
-    runs: dict[str, list[dict[str, float]]] = {"copy": [], **{s: [] for s in solvers}}
-    for rep in range(args.repeat):  # interleaved, so that a slow spell of the machine hits all alike
-        runs["copy"].append(_timed(copy_code, copy_setup))
+    if "protect" in parts:
+        # imports (about 2 s) and deleting the previous run's output are left out of the timings;
+        # protect's own import of transformers (for the config defaults, about 1.5 s) is counted
+        copy_code = (
+            f"c=Checkpoint(r'{ft}')\n"
+            f"rewrite_checkpoint(c, __import__('pathlib').Path(r'{work / 'copy'}'), c.get, overwrite=True, progress=False, desc='')"
+        )
+        copy_setup = ("from mergeshield.io.checkpoint import Checkpoint\nfrom mergeshield.protect import rewrite_checkpoint\n"
+                      f"import shutil; shutil.rmtree(r'{work / 'copy'}', ignore_errors=True)")
+        solvers = args.solvers.split(",")
+        runs: dict[str, list[dict[str, float]]] = {"copy": [], **{s: [] for s in solvers}}
+        for rep in range(args.repeat):  # interleaved, so that a slow spell of the machine hits all alike
+            runs["copy"].append(_timed(copy_code, copy_setup))
+            for solver in solvers:
+                runs[solver].append(_timed(
+                    f"protect(r'{ft}', r'{base}', r'{work / 'prot'}', ProtectOptions(solver='{solver}'), overwrite=True, progress=False)",
+                    setup=f"from mergeshield import protect, ProtectOptions\nimport shutil; shutil.rmtree(r'{work / 'prot'}', ignore_errors=True)",
+                ))
+            print(f"round {rep + 1}/{args.repeat}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s" for k, v in runs.items()))
+
+        def median(rs: list[dict[str, float]]) -> dict[str, object]:
+            return {"seconds": statistics.median(r["seconds"] for r in rs),
+                    "peak_rss_gib": max(r["peak_rss_gib"] for r in rs), "runs": rs}
+
+        copy = median(runs["copy"])
+        results["copy"] = copy
+        print(f"copy (read + write, the floor): median {copy['seconds']:.1f} s of {args.repeat}, "
+              f"peak RSS {copy['peak_rss_gib']:.2f} GiB")
         for solver in solvers:
-            runs[solver].append(_timed(
-                f"protect(r'{ft}', r'{base}', r'{work / 'prot'}', ProtectOptions(solver='{solver}'), overwrite=True, progress=False)",
-                setup=f"from mergeshield import protect, ProtectOptions\nimport shutil; shutil.rmtree(r'{work / 'prot'}', ignore_errors=True)",
-            ))
-        print(f"round {rep + 1}/{args.repeat}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s" for k, v in runs.items()))
+            r = median(runs[solver])
+            r["ratio_to_copy"] = r["seconds"] / copy["seconds"]
+            results[f"protect_{solver}"] = r
+            print(f"protect [{solver}]: median {r['seconds']:.1f} s = {r['ratio_to_copy']:.2f}x copy, "
+                  f"peak RSS {r['peak_rss_gib']:.2f} GiB")
 
-    def median(rs: list[dict[str, float]]) -> dict[str, object]:
-        return {"seconds": statistics.median(r["seconds"] for r in rs),
-                "peak_rss_gib": max(r["peak_rss_gib"] for r in rs), "runs": rs}
+    if "objective" in parts:
+        # objective fraction per solver on one MLP layer
+        import numpy as np
 
-    copy = median(runs["copy"])
-    results["copy"] = copy
-    print(f"copy (read + write, the floor): median {copy['seconds']:.1f} s of {args.repeat}, "
-          f"peak RSS {copy['peak_rss_gib']:.2f} GiB")
-    for solver in solvers:
-        r = median(runs[solver])
-        r["ratio_to_copy"] = r["seconds"] / copy["seconds"]
-        results[f"protect_{solver}"] = r
-        print(f"protect [{solver}]: median {r['seconds']:.1f} s = {r['ratio_to_copy']:.2f}x copy, "
-              f"peak RSS {r['peak_rss_gib']:.2f} GiB")
+        from mergeshield.core.assignment import (
+            farthest_permutation,
+            native_bfloat16,
+            permutation_objective,
+            unit_features,
+        )
+        from mergeshield.protect import bind_checkpoint
 
-    # objective fraction per solver on one MLP layer
-    import numpy as np
+        bc, fc = Checkpoint(base), Checkpoint(ft)
+        inst = next(i for i in bind_checkpoint(fc).instances if i.space.kind == "permutation")
+        fp = unit_features([(bc.get(bt.name).float(), bt.binding) for bt in inst.tensors])
+        ff = unit_features([(fc.get(bt.name).float(), bt.binding) for bt in inst.tensors])
+        ident = permutation_objective(fp, ff, np.arange(inst.size))
+        # as protect does for these bfloat16 checkpoints: block costs in bfloat16 where the CPU has it
+        products = torch.bfloat16 if native_bfloat16() else torch.float32
+        results["block_products"] = str(products)
+        objective: dict[str, dict[str, float]] = {}
+        best = None
+        for solver in ("exact", "block", "greedy", "random"):
+            if solver == "exact" and inst.size > 6000 and not args.exact_layer:
+                continue
+            t = time.perf_counter()
+            perm = farthest_permutation(fp, ff, solver, rng=np.random.default_rng(0), products=products)
+            # "objective": ||pre - P tuned||^2 (the measure); "gain": its increase over the
+            # identity, the stricter share (the identity's distance is the task vector's)
+            obj = permutation_objective(fp, ff, perm)
+            objective[solver] = {"seconds": time.perf_counter() - t, "gain": obj - ident, "objective": obj}
+            if solver == "exact":
+                best = objective[solver]
+        for solver, o in objective.items():
+            if best:
+                o["fraction_of_exact"] = o["gain"] / best["gain"]
+                o["objective_fraction_of_exact"] = o["objective"] / best["objective"]
+            print(f"one {inst.size}-wide layer, {solver}: {o['seconds']:.2f} s"
+                  + (f", {o['fraction_of_exact']:.4f} of the exact gain, {o['objective_fraction_of_exact']:.5f} of "
+                     "its objective" if best else ""))
+        results["objective"] = objective
 
-    from mergeshield.core.assignment import (
-        farthest_permutation,
-        native_bfloat16,
-        permutation_objective,
-        unit_features,
-    )
-    from mergeshield.protect import bind_checkpoint
-
-    bc, fc = Checkpoint(base), Checkpoint(ft)
-    inst = next(i for i in bind_checkpoint(fc).instances if i.space.kind == "permutation")
-    fp = unit_features([(bc.get(bt.name).float(), bt.binding) for bt in inst.tensors])
-    ff = unit_features([(fc.get(bt.name).float(), bt.binding) for bt in inst.tensors])
-    ident = permutation_objective(fp, ff, np.arange(inst.size))
-    # as protect does for these bfloat16 checkpoints: block costs in bfloat16 where the CPU has it
-    products = torch.bfloat16 if native_bfloat16() else torch.float32
-    results["block_products"] = str(products)
-    objective: dict[str, dict[str, float]] = {}
-    best = None
-    for solver in ("exact", "block", "greedy", "random"):
-        if solver == "exact" and inst.size > 6000 and "exact" not in args.solvers:
-            continue
-        t = time.perf_counter()
-        perm = farthest_permutation(fp, ff, solver, rng=np.random.default_rng(0), products=products)
-        # "objective": ||pre - P tuned||^2 (the measure); "gain": its increase over the
-        # identity, the stricter share (the identity's distance is the task vector's)
-        obj = permutation_objective(fp, ff, perm)
-        objective[solver] = {"seconds": time.perf_counter() - t, "gain": obj - ident, "objective": obj}
-        if solver == "exact":
-            best = objective[solver]
-    for solver, o in objective.items():
-        if best:
-            o["fraction_of_exact"] = o["gain"] / best["gain"]
-            o["objective_fraction_of_exact"] = o["objective"] / best["objective"]
-        print(f"one {inst.size}-wide layer, {solver}: {o['seconds']:.2f} s"
-              + (f", {o['fraction_of_exact']:.4f} of the exact gain, {o['objective_fraction_of_exact']:.5f} of "
-                 "its objective" if best else ""))
-    results["objective"] = objective
-
-    if not args.no_mergekit:
+    if "merge" in parts and not args.no_mergekit:
         import shutil
 
         import yaml
