@@ -315,3 +315,27 @@ def test_residual_permutation_is_refused_where_the_description_does_not_hold(tin
     with pytest.raises(SpecError, match=r"cls\.predictions"):
         protect(tmp_path / "mlm", tmp_path / "mlm", tmp_path / "m", ProtectOptions(permute_residual=True), progress=False)
     protect(tmp_path / "mlm", tmp_path / "mlm", tmp_path / "m", progress=False)  # the rest still works
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(("shape", "axis"), [((7,), 0), ((300, 50), 0), ((50, 300), 1), ((4, 5, 6), 1), ((3, 2000), 0),
+                                           ((600, 300), 0), ((300, 600), 1)])  # the last two: several chunks
+@pytest.mark.parametrize("inverse", [False, True])
+def test_scale_distances_from_chunked_sums_match_the_scaled_tensor(dtype, shape, axis, inverse):
+    """The report's distances for a scale space come from per-index sums over chunks: they must
+    equal the distances of the actually scaled tensor (factors of exactly 1 included)."""
+    from mergeshield.protect import _scaled_distances
+    from mergeshield.symmetry.spec import Binding
+
+    g = torch.Generator().manual_seed(sum(shape) + axis)
+    p = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    t = (p.double() + 0.01 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    f = np.exp2(np.random.default_rng(1).integers(-3, 4, shape[axis])).astype(np.float64)
+    f[::3] = 1.0
+    got = _scaled_distances(t, p, Binding(tensor="w", axis=axis, inverse=inverse), f)
+    view = [1] * len(shape)
+    view[axis] = -1
+    fac = torch.from_numpy(1 / f if inverse else f).reshape(view)
+    t64, p64 = t.double(), p.double()
+    want = (float(((t64 - p64) ** 2).sum()), float(((t64 * fac - p64) ** 2).sum()), float((p64**2).sum()))
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import uuid
 from collections import deque
@@ -429,11 +430,11 @@ class _Plan(Mapping[str, Transform]):
             task2 = after2 = base2 = 0.0
             for bt in inst.tensors:
                 # fused tensors (GPT-2 c_attn) appear once per chunk: measure only the chunk
-                t_c, p_c = _to_compute(tuned[bt.name]), _to_compute(pre[bt.name])
                 if transform.matrices is None:
-                    d = _scaled_distances(axis_view(t_c, bt.binding), axis_view(p_c, bt.binding), bt.binding,
-                                          expand_factors(inst, transform.factors, bt.binding.layout))
+                    d = _scaled_distances(axis_view(tuned[bt.name], bt.binding), axis_view(pre[bt.name], bt.binding),
+                                          bt.binding, expand_factors(inst, transform.factors, bt.binding.layout))
                 else:
+                    t_c, p_c = _to_compute(tuned[bt.name]), _to_compute(pre[bt.name])
                     new = apply_transform(t_c, bt.binding, inst, transform)
                     pv = axis_view(p_c, bt.binding)
                     d = (float(((axis_view(t_c, bt.binding) - pv) ** 2).sum()),
@@ -445,16 +446,29 @@ class _Plan(Mapping[str, Transform]):
 
 def _scaled_distances(t: torch.Tensor, p: torch.Tensor, binding: Binding, f: np.ndarray) -> tuple[float, float, float]:
     """``(||t - p||^2, ||t * f - p||^2, ||p||^2)`` for factors `f` along the binding's axis
-    (``1/f`` on an inverse binding), from per-index sums (no scaled copy of `t`). An index whose
-    factor is 1 takes its distance from the differences themselves (no cancellation)."""
-    if t.ndim == 1:
-        t, p, axis = t[:, None], p[:, None], 0
-    else:
-        axis = binding.axis
-    dims = [k for k in range(t.ndim) if k != axis]
-    diff = t - p
-    d_r = (diff * diff).sum(dims).double()
-    tt_r, tp_r, pp_r = ((t * t).sum(dims).double(), (t * p).sum(dims).double(), (p * p).sum(dims).double())
+    (``1/f`` on an inverse binding), from per-index sums: no scaled copy of `t`, and the tensors
+    (any dtype) are read a cache-sized chunk at a time, converted to float32 (float64 stays).
+    An index whose factor is 1 takes its distance from the differences themselves (no
+    cancellation)."""
+    axis = binding.axis if t.ndim > 1 else 0
+    n = t.shape[axis]
+    if axis == t.ndim - 1 and t.ndim > 1:  # units along the last axis (columns): sum over rows
+        t2, p2, reduce = t.reshape(-1, n), p.reshape(-1, n), 0
+    else:  # units along a leading axis: rows of everything after it (a copy only if not contiguous)
+        t2, p2, reduce = t.movedim(axis, 0).reshape(n, -1), p.movedim(axis, 0).reshape(n, -1), 1
+    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+    sums = torch.zeros(4, n, dtype=torch.float64)  # (t-p)^2, t.t, t.p, p.p per index
+    step = max(1, (1 << 16) // max(1, t2.shape[1]))
+    for start in range(0, t2.shape[0], step):
+        ct, cp = t2[start : start + step].to(wide), p2[start : start + step].to(wide)
+        diff = ct - cp
+        part = torch.stack([(diff * diff).sum(reduce), (ct * ct).sum(reduce), (ct * cp).sum(reduce),
+                            (cp * cp).sum(reduce)]).double()
+        if reduce == 0:
+            sums += part
+        else:
+            sums[:, start : start + step] = part
+    d_r, tt_r, tp_r, pp_r = sums
     fr = torch.from_numpy(1.0 / f if binding.inverse else f)
     after = torch.where(fr == 1.0, d_r, (fr * fr * tt_r - 2 * fr * tp_r + pp_r).clamp_min(0.0))
     return float(d_r.sum()), float(after.sum()), float(pp_r.sum())
@@ -532,7 +546,9 @@ def rewrite_checkpoint(
 
     with atomic_output_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1, "mergeshield-writer") as pool:
         copy_non_weight_files(template, tmp)
-        bar = tqdm(total=len(template.names), desc=desc, unit="tensor", disable=not progress)
+        # progress in bytes of output (tensors differ in size by 10^4): the ETA means something
+        out_bytes = sum(math.prod(template.shape(n)) * dtype_of(n).itemsize for n in template.names)
+        bar = tqdm(total=out_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
         for shard in template.shards:
             specs = {name: (dtype_of(name), template.shape(name)) for name in shard.names}
             with ShardWriter(tmp / shard.output_name, specs, template.shard_metadata(shard) or {"format": "pt"}) as writer:
@@ -553,7 +569,7 @@ def rewrite_checkpoint(
                             for ckpt in (template, *inputs):
                                 ckpt.release()  # unmap the input pages read so far
                             unreleased = 0
-                        bar.update()
+                        bar.update(size)
                     while pending:
                         pending.popleft().result()
                 finally:  # never close the file under a running write
