@@ -80,3 +80,27 @@ def test_unmapping_inputs_mid_shard_changes_no_byte(tiny_pair, tmp_path, monkeyp
     for kind in ("p", "m"):
         a, b = (tmp_path / f"{kind}-{tag}" / "model.safetensors" for tag in ("kept", "released"))
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_prefetch_ranges_are_the_tensors_bytes(tmp_path):
+    """prefetch hints the kernel with each tensor's byte range: the ranges must hold exactly the
+    tensors' bytes; unknown names, pickle shards and a corrupt header are ignored (a hint only)."""
+    from safetensors.torch import save_file
+
+    from mergeshield.io.checkpoint import Checkpoint
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    tensors = {"b": torch.arange(10, dtype=torch.float32), "a": torch.ones(3, 4, dtype=torch.bfloat16)}
+    save_file(tensors, str(folder / "model.safetensors"))
+    ckpt = Checkpoint(folder)
+    raw = (folder / "model.safetensors").read_bytes()
+    spans = ckpt._offsets(folder / "model.safetensors")
+    for name, t in tensors.items():
+        lo, hi = spans[name]
+        assert raw[lo:hi] == t.contiguous().view(torch.uint8).numpy().tobytes()
+    ckpt.prefetch(["a", "b", "not-there"])  # no error
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
+    assert ckpt._offsets(broken) == {}

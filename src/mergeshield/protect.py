@@ -307,7 +307,7 @@ class _Plan(Mapping[str, Transform]):
     is planned when the writer first reaches one of its tensors, reading only that instance's
     tensors from the model and the base, which the writer then reads again while they are
     still mapped. Each instance's random draw is keyed by its id, so the order does not change
-    the result. `reports` lists the planned instances in key order."""
+    the result. `finish` gives the transforms, reports and notes in key order."""
 
     def __init__(
         self, model: Checkpoint, base: Checkpoint, bound: BoundModel, names: dict[str, str], options: ProtectOptions
@@ -512,6 +512,8 @@ def _plan_residual(
 
 RELEASE_BYTES = 256 << 20
 """rewrite_checkpoint unmaps its inputs after about this many bytes of output."""
+PREFETCH_BYTES = 1 << 30
+"""rewrite_checkpoint asks the kernel to read ahead the inputs of about this many bytes of output."""
 
 
 def rewrite_checkpoint(
@@ -525,6 +527,7 @@ def rewrite_checkpoint(
     before_commit: Callable[[str], None] | None = None,
     dtype_of: Callable[[str], torch.dtype] | None = None,
     inputs: Sequence[Checkpoint] = (),
+    prefetch: Callable[[list[str]], None] | None = None,
 ) -> str:
     """Write a checkpoint laid out like `template` whose tensors come from `produce(name)`.
 
@@ -533,10 +536,14 @@ def rewrite_checkpoint(
     tensor, not a shard); `dtype_of(name)` gives each output dtype (default: the template's).
     Every `RELEASE_BYTES` of output the template and `inputs` are unmapped, so their mapped
     pages do not pile up as resident memory (reopening a file cost 15 ms here, so not per tensor).
+    `prefetch(names)` (default: the template's `Checkpoint.prefetch`) is told the tensors about
+    to be produced, about `PREFETCH_BYTES` of output ahead, so that their inputs' disk reads
+    overlap with the work on earlier tensors.
     Returns the fingerprint (sha256 over every output tensor's name, dtype, shape and bytes).
     `before_commit(fingerprint)` may raise to abandon the output.
     """
     dtype_of = dtype_of or template.dtype
+    prefetch = prefetch or template.prefetch
     digests: dict[str, bytes] = {}
     total = unreleased = 0
 
@@ -555,8 +562,18 @@ def rewrite_checkpoint(
                 # Writing and hashing (both release the GIL) run in one worker thread, in order,
                 # while the next tensor is produced; at most one tensor waits for it.
                 pending: deque[Future[None]] = deque()
+                nbytes = {n: math.prod(specs[n][1]) * specs[n][0].itemsize for n in writer.order}
+                ahead = ahead_bytes = done_bytes = 0
                 try:
                     for name in writer.order:
+                        batch = []
+                        while ahead < len(writer.order) and ahead_bytes < done_bytes + PREFETCH_BYTES:
+                            batch.append(writer.order[ahead])
+                            ahead_bytes += nbytes[writer.order[ahead]]
+                            ahead += 1
+                        if batch:
+                            prefetch(batch)
+                        done_bytes += nbytes[name]
                         t = produce(name)
                         while len(pending) > 1:
                             pending.popleft().result()  # re-raises a write error here
@@ -751,9 +768,13 @@ def protect(
             if key_path is not None:
                 _write_key(key_path, done[0][0], {**meta, "fingerprint": fp})
 
+        def prefetch(batch: list[str]) -> None:
+            model.prefetch(batch)
+            base.prefetch([names[n] for n in batch if n in names])
+
         fingerprint = rewrite_checkpoint(
             model, out, produce, overwrite=overwrite, progress=progress, desc="protecting",
-            before_commit=commit_key, inputs=[base],
+            before_commit=commit_key, inputs=[base], prefetch=prefetch,
         )
     _, reports, notes = done[0]
     ratio = _task_vector_ratio(reports)

@@ -115,5 +115,12 @@ def merge_checkpoints(
                 return base.dtype(first_map[name])
             return first.dtype(name)
 
+        def prefetch(batch: list[str]) -> None:
+            bnames = [first_map[n] for n in batch if n in first_map]
+            base.prefetch(bnames)
+            for m, inv in zip(models, inverse_maps):
+                m.prefetch([inv[b] for b in bnames if b in inv])
+
         return rewrite_checkpoint(first, out, produce, overwrite=overwrite, progress=progress,
-                                  desc=f"merging ({method.name})", dtype_of=dtype_of, inputs=[base, *models[1:]])
+                                  desc=f"merging ({method.name})", dtype_of=dtype_of, inputs=[base, *models[1:]],
+                                  prefetch=prefetch)
