@@ -228,7 +228,7 @@ def _check_base(model: Checkpoint, base: Checkpoint, bound: BoundModel) -> dict[
     names = match_names(model.names, base.names)
     # a task head the base lacks may read the residual stream (an optional binding there): fine
     bound_names = sorted({bt.name for inst in bound.instances for bt in inst.tensors
-                          if not (_model_scope(inst) and bt.binding.optional)})
+                          if not (inst.model_scoped and bt.binding.optional)})
     missing = [n for n in bound_names if n not in names]
     if missing:
         raise BaseMismatchError(
@@ -328,7 +328,7 @@ class _Plan(Mapping[str, Transform]):
                 "to float16/bfloat16 weights (the protected model would not compute the same function). "
                 f"Protect a float32 copy, or drop {flag} to use power-of-two scales."
             )
-        if options.permute_residual and not any(_model_scope(i) for i in bound.instances):
+        if options.permute_residual and not any(i.model_scoped for i in bound.instances):
             why = bound.skipped.get("residual", f"the {bound.family.name} description has no residual-stream space "
                                     "(described for bert, llama, gpt2 and vit)")
             raise SpecError(f"--permute-residual: {why}. Protect without it.")
@@ -341,7 +341,7 @@ class _Plan(Mapping[str, Transform]):
 
     def _enabled(self, inst: SpaceInstance) -> bool:
         space, o = inst.space, self.options
-        if _model_scope(inst):
+        if inst.model_scoped:
             return o.permute_residual
         if isinstance(space, PermutationSpace):
             return o.permute_mlp
@@ -352,7 +352,7 @@ class _Plan(Mapping[str, Transform]):
     def __getitem__(self, iid: str) -> Transform:
         if iid not in self._done:
             inst = self.instances[iid]
-            if _model_scope(inst):
+            if inst.model_scoped:
                 self._done[iid] = _plan_residual(self.model, self.base, self.bound, inst, self.names, self.options)
             else:
                 self._done[iid] = self._plan(inst)
@@ -472,10 +472,6 @@ def _scaled_distances(t: torch.Tensor, p: torch.Tensor, binding: Binding, f: np.
     fr = torch.from_numpy(1.0 / f if binding.inverse else f)
     after = torch.where(fr == 1.0, d_r, (fr * fr * tt_r - 2 * fr * tp_r + pp_r).clamp_min(0.0))
     return float(d_r.sum()), float(after.sum()), float(pp_r.sum())
-
-
-def _model_scope(inst: SpaceInstance) -> bool:
-    return isinstance(inst.space, PermutationSpace) and inst.space.scope == "model"
 
 
 def residual_anchors(bound: BoundModel, inst: SpaceInstance, names: dict[str, str]) -> list[BoundTensor]:

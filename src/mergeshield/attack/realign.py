@@ -194,7 +194,7 @@ def attack(
     Returns:
         The estimated transforms (as applied to the protected model) and the fill count.
     """
-    from mergeshield.protect import _check_base, _model_scope, _transformed, bind_checkpoint, residual_anchors, rewrite_checkpoint
+    from mergeshield.protect import _check_base, _transformed, bind_checkpoint, residual_anchors, rewrite_checkpoint
 
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
@@ -210,7 +210,7 @@ def attack(
         def current(tensor: str) -> torch.Tensor:
             """The protected tensor with the residual and head permutations estimated so far undone."""
             t = prot_ckpt.get(tensor).double()
-            for inst in sorted(bound.by_tensor.get(tensor, ()), key=lambda i: not _model_scope(i)):
+            for inst in sorted(bound.by_tensor.get(tensor, ()), key=lambda i: not i.model_scoped):
                 if inst.id in undone:
                     for bt in inst.tensors:
                         if bt.name == tensor:
@@ -218,7 +218,7 @@ def attack(
             return t
 
         def step_of(inst: SpaceInstance) -> str:
-            if _model_scope(inst):
+            if inst.model_scoped:
                 return "residual"
             if isinstance(inst.space, HeadPermutationSpace):
                 return "heads"

@@ -97,6 +97,10 @@ class PermutationSpace(_Frozen):
     description would not cover that tensor, e.g. an LM head tied to the embeddings that reads
     another space); `BoundModel.skipped` says why."""
 
+    @property
+    def model_scoped(self) -> bool:
+        return self.scope == "model"
+
 
 class ScaleSpace(_Frozen):
     kind: Literal["scale"]
@@ -200,6 +204,10 @@ class BoundTensor:
     binding: Binding
 
 
+def _model_scoped(space: object) -> bool:
+    return isinstance(space, PermutationSpace) and space.model_scoped
+
+
 @dataclass(frozen=True)
 class SpaceInstance:
     """One space at one layer of one checkpoint: the unit a transform acts on."""
@@ -214,6 +222,11 @@ class SpaceInstance:
     heads: int = 0
     query_heads: int = 0
     head_dim: int = 0
+
+    @property
+    def model_scoped(self) -> bool:
+        """One instance for the whole model (the residual stream), not one per layer."""
+        return _model_scoped(self.space)
 
 
 @dataclass(frozen=True)
@@ -266,7 +279,7 @@ def bind(
     group_space: dict[str, AnySpace] = {}
     skipped: dict[str, str] = {}
     for space in family.spaces:
-        model_scope = isinstance(space, PermutationSpace) and space.scope == "model"
+        model_scope = _model_scoped(space)
         refused = sorted(n for n in shapes if isinstance(space, PermutationSpace) and _matches_any(n, space.refuse))
         if refused:
             skipped[space.name] = (f"the checkpoint has {refused[:3]}, which the {family.name} '{space.name}' "
@@ -294,8 +307,7 @@ def bind(
         tensors: list[BoundTensor] = []
         for bi, binding in enumerate(space.bindings):
             hits = sorted(found.get(bi, []), key=lambda bt: _natural_key(bt.name))
-            model_scope = isinstance(space, PermutationSpace) and space.scope == "model"
-            if model_scope:  # one instance for every layer: a template may match many tensors
+            if _model_scoped(space):  # one instance for every layer: a template may match many tensors
                 tensors.extend(hits)
                 if not hits and not binding.optional:
                     raise SpecError(f"{family.name}: {iid} needs tensors matching {binding.tensor!r}; "
