@@ -634,3 +634,45 @@ def test_a_signal_turned_into_another_error_by_native_code_still_exits_as_interr
     with pytest.raises(typer.Exit) as exc:
         wrapped()
     assert exc.value.exit_code == 128 + signal.SIGTERM
+
+
+def test_interrupt_while_waiting_for_the_writer_never_closes_a_file_under_a_running_write(tmp_path, monkeypatch):
+    """Ctrl-C can land while the main thread waits for the writer thread (here: for the shard's
+    last write): that write must finish before its file is closed and the folder removed."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from mergeshield.io.checkpoint import ShardWriter
+
+    base = build("llama", 0)
+    ft = build("llama", 1, finetune_of=base)
+    save(base, tmp_path / "base")
+    save(ft, tmp_path / "ft")
+    closed_under_write: list[str] = []
+    real_write, real_result, real_submit = ShardWriter.write, Future.result, ThreadPoolExecutor.submit
+    last: list[Future] = []
+
+    def slow_write(self, name, tensor):
+        if self._next == len(self.order) - 1:  # the shard's last write: still running when waited for
+            time.sleep(0.3)
+        if self._file.closed:
+            closed_under_write.append(name)
+            return
+        real_write(self, name, tensor)
+
+    def submit(self, fn, /, *args, **kwargs):
+        last[:] = [real_submit(self, fn, *args, **kwargs)]
+        return last[0]
+
+    def interrupted_result(self, timeout=None):
+        if last and self is last[0] and not self.done():
+            raise KeyboardInterrupt  # as the signal handler raises it, mid-wait
+        return real_result(self, timeout)
+
+    monkeypatch.setattr(ShardWriter, "write", slow_write)
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", submit)
+    monkeypatch.setattr(Future, "result", interrupted_result)
+    with pytest.raises(KeyboardInterrupt):
+        protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+    assert not closed_under_write
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft"]  # no temporary folder left

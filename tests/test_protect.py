@@ -339,3 +339,28 @@ def test_scale_distances_from_chunked_sums_match_the_scaled_tensor(dtype, shape,
     t64, p64 = t.double(), p.double()
     want = (float(((t64 - p64) ** 2).sum()), float(((t64 * fac - p64) ** 2).sum()), float((p64**2).sum()))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_protect_reads_ahead_every_model_tensor_and_only_the_base_tensors_it_plans_on(tmp_path, monkeypatch):
+    """The read-ahead hint covers the whole model but only the base tensors a transform is planned
+    on (the base's embeddings, norms and head are never read without --permute-residual)."""
+    from mergeshield.io.checkpoint import Checkpoint as Ckpt
+
+    base = build("llama", 0)
+    ft = build("llama", 1, finetune_of=base)
+    save(base, tmp_path / "base")
+    save(ft, tmp_path / "ft")
+    asked: dict[str, set[str]] = {"base": set(), "ft": set()}
+    real = Ckpt.prefetch
+
+    def spy(self, names):
+        names = list(names)
+        asked[self.folder.name].update(names)
+        return real(self, names)
+
+    monkeypatch.setattr(Ckpt, "prefetch", spy)
+    protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+    ft_names = set(Ckpt(tmp_path / "ft").names)
+    assert asked["ft"] == ft_names
+    assert any(".mlp." in n for n in asked["base"]) and any("q_proj" in n for n in asked["base"])
+    assert not any("embed" in n or "norm" in n for n in asked["base"]), sorted(asked["base"])

@@ -19,7 +19,7 @@ import math
 import os
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -337,6 +337,8 @@ class _Plan(Mapping[str, Transform]):
         ordered = sorted(bound.instances, key=lambda i: isinstance(i.space, HeadPermutationSpace))
         self.instances = {inst.id: inst for inst in ordered if self._enabled(inst)}
         self.clamped = 0
+        self.checked: set[str] = set()
+        """Model tensors planning has read and checked (dtype, NaN/Inf)."""
         self._done: dict[str, tuple[Transform, InstanceReport]] = {}
 
     def _enabled(self, inst: SpaceInstance) -> bool:
@@ -384,6 +386,7 @@ class _Plan(Mapping[str, Transform]):
         # tensors in their stored dtype: features, bounds and distances convert what they need
         is_perm = isinstance(space, PermutationSpace | HeadPermutationSpace)
         tuned = {bt.name: _checked(self.model.get(bt.name), bt.name, str(self.model.folder)) for bt in inst.tensors}
+        self.checked.update(tuned)
         pre = {
             bt.name: _checked(self.base.get(self.names[bt.name]), self.names[bt.name], str(self.base.folder))
             for bt in inst.tensors
@@ -571,10 +574,11 @@ def rewrite_checkpoint(
                             prefetch(batch)
                         done_bytes += nbytes[name]
                         t = produce(name)
-                        while len(pending) > 1:
-                            pending.popleft().result()  # re-raises a write error here
+                        while len(pending) > 1:  # result() before popleft: a wait cut short by
+                            pending[0].result()  # Ctrl-C leaves the write in `pending` for the
+                            pending.popleft()  # finally below (result() re-raises write errors)
                         pending.append(pool.submit(store, writer, name, t))
-                        size = t.numel() * t.element_size()
+                        size = nbytes[name]  # the writer checks t against its declared dtype and shape
                         total += size
                         unreleased += size
                         del t
@@ -584,7 +588,8 @@ def rewrite_checkpoint(
                             unreleased = 0
                         bar.update(size)
                     while pending:
-                        pending.popleft().result()
+                        pending[0].result()
+                        pending.popleft()
                 finally:  # never close the file under a running write
                     futures.wait(pending)
         bar.close()
@@ -609,12 +614,13 @@ def _transformed(
     *,
     inverse: bool = False,
     prune: tuple[float, int] | None = None,
+    checked: Container[str] = (),
 ) -> Callable[[str], torch.Tensor]:
     """``produce(name)`` for `rewrite_checkpoint`: the tensor with every transform applied.
 
     `transforms` in key order: a list, or a mapping by instance id (a `_Plan` plans each one
     when first looked up). ``prune=(rate, seed)`` zeroes a random fraction of each transformed
-    tensor first.
+    tensor first. Tensors in `checked` (read and checked by planning) are not checked again.
     """
     by_id = transforms if isinstance(transforms, Mapping) else {t.instance_id: t for t in transforms}
     rank = {iid: k for k, iid in enumerate(by_id)}
@@ -640,8 +646,10 @@ def _transformed(
             return t
         # in the stored dtype where that is exact (permutations, power-of-two scales): no
         # float32 round trip of every transformed tensor
-        exact = all(_exact_in(t.dtype, by_id[inst.id]) for inst, _ in todo)
-        c = _checked(t, name, str(ckpt.folder)) if exact else _as_compute(t, name, str(ckpt.folder))
+        exact = all(_exact_in(t.dtype, by_id[inst.id]) for inst, _ in todo)  # plans what it needs
+        if name not in checked:  # planning checked the tensors it read (dtype, NaN/Inf) already
+            _checked(t, name, str(ckpt.folder))
+        c = t if exact else _to_compute(t)
         if prune is not None and prune[0] > 0:
             gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{prune[1]}|prune|{name}".encode()).digest()[:8], "little") >> 1)
             c = c * (torch.rand(c.shape, generator=gen) >= prune[0]).to(c.dtype)
@@ -751,28 +759,29 @@ def protect(
         bound = bind_checkpoint(model)
         names = _check_base(model, base, bound)
         plan = _Plan(model, base, bound, names, options)  # refuses impossible options before writing
-        produce = _transformed(model, bound, plan, prune=(options.prune_rate, options.seed))
+        produce = _transformed(model, bound, plan, prune=(options.prune_rate, options.seed), checked=plan.checked)
         meta = {
             "family": bound.family.name,
             "model_type": model.model_type,
             "options": options.model_dump(),
         }
-        done: list[tuple[list[Transform], list[InstanceReport], list[str]]] = []
 
         def commit_key(fp: str) -> None:
-            done.append(plan.finish())
             if key_path is not None:
-                _write_key(key_path, done[0][0], {**meta, "fingerprint": fp})
+                _write_key(key_path, plan.finish()[0], {**meta, "fingerprint": fp})
+
+        # the base is read only for the tensors an enabled transform is planned on
+        planned = {bt.name for iid in plan for bt in plan.instances[iid].tensors}
 
         def prefetch(batch: list[str]) -> None:
             model.prefetch(batch)
-            base.prefetch([names[n] for n in batch if n in names])
+            base.prefetch([names[n] for n in batch if n in planned and n in names])
 
         fingerprint = rewrite_checkpoint(
             model, out, produce, overwrite=overwrite, progress=progress, desc="protecting",
             before_commit=commit_key, inputs=[base], prefetch=prefetch,
         )
-    _, reports, notes = done[0]
+        _, reports, notes = plan.finish()
     ratio = _task_vector_ratio(reports)
     if ratio > 0.5:
         notes.append(

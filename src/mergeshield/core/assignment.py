@@ -8,6 +8,7 @@ feature vectors (each unit's rows and columns across every bound tensor, concate
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,8 +41,8 @@ ascending, fine-tuned units descending, so opposite units meet), cut into blocks
 The direction comes from at most 2048 evenly spaced base units (it only orders units).
 Block costs may be multiplied in bfloat16 (``products``; protect does so for bfloat16 checkpoints
 on CPUs with native bfloat16 matrix units, see `native_bfloat16`): the inputs are then exact and
-only each cost is rounded (to 3 significant digits); on MiniLM layers and a synthetic 5632-unit
-layer that reached the float32 products' objective to 5 digits, with 2.7x faster products.
+only each cost is rounded (to 3 significant digits); on MiniLM's layers the objective stayed
+within 2e-6 of float32 products', and the product ran 4x faster (`benchmarks/solver_quality.py`).
 ``greedy``: rows in random order each take their cheapest free column. ``random``: a uniformly
 random permutation. ``auto``: exact up to ``EXACT_MAX`` units, block above."""
 EXACT_MAX = 4096
@@ -88,6 +89,7 @@ def choose_solver(solver: str, n: int) -> str:
     return solver
 
 
+@functools.cache
 def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 matrices natively (AMX or AVX512-BF16): there,
     bfloat16 products run several times faster than float32 ones; elsewhere they are emulated
@@ -233,8 +235,9 @@ def permutation_distances(pre: torch.Tensor, tuned: torch.Tensor, perm: np.ndarr
     """``(||pre - tuned||^2, ||pre - tuned[perm]||^2, ||pre||^2)``, over chunks of units.
 
     Dot products in float32 (or float64 for float64 features; half-precision features are
-    converted a chunk at a time) over chunks of about 128K values, added in float64: about 1e-8 relative error in float32
-    (one long float32 dot product would reach 1e-4; torch's float32 norm 1e-3), at BLAS speed.
+    converted a chunk at a time) over chunks of about 128K values, added in float64: 1e-8 to
+    1e-6 relative error in our measurements (one long float32 dot product reached 7e-5, torch's
+    float32 norm 4e-3), at BLAS speed.
     The distance before is summed from the differences, not from ``a.a + b.b - 2 a.b``, which
     cancels for a small task vector; the distance after has no such cancellation (a permutation
     moves units far), so it comes from dot products. No (n, F) temporaries."""

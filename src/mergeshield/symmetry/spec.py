@@ -97,10 +97,6 @@ class PermutationSpace(_Frozen):
     description would not cover that tensor, e.g. an LM head tied to the embeddings that reads
     another space); `BoundModel.skipped` says why."""
 
-    @property
-    def model_scoped(self) -> bool:
-        return self.scope == "model"
-
 
 class ScaleSpace(_Frozen):
     kind: Literal["scale"]
@@ -205,7 +201,7 @@ class BoundTensor:
 
 
 def _model_scoped(space: object) -> bool:
-    return isinstance(space, PermutationSpace) and space.model_scoped
+    return isinstance(space, PermutationSpace) and space.scope == "model"
 
 
 @dataclass(frozen=True)
