@@ -165,8 +165,8 @@ def main() -> None:
                       f"import shutil; shutil.rmtree(r'{work / 'copy'}', ignore_errors=True)")
         copy2_setup = (f"import sys, shutil; sys.path.insert(0, r'{Path(__file__).resolve().parent}')\n"
                        "from bench_protect import copy_with_base\nimport transformers\n"
-                       f"shutil.rmtree(r'{work / 'copy2'}', ignore_errors=True)")
-        copy2_code = f"copy_with_base(Path(r'{ft}'), Path(r'{base}'), Path(r'{work / 'copy2'}'))"
+                       f"shutil.rmtree(r'{work / 'copy'}', ignore_errors=True)")  # one output folder: disk
+        copy2_code = f"copy_with_base(Path(r'{ft}'), Path(r'{base}'), Path(r'{work / 'copy'}'))"
         solvers = args.solvers.split(",")
         runs: dict[str, list[dict[str, float]]] = {"copy": [], "copy2": [], **{s: [] for s in solvers}}
         for rep in range(args.repeat):  # interleaved, so that a slow spell of the machine hits all alike
