@@ -123,3 +123,41 @@ def test_bfloat16_features_give_the_float32_features_block_permutation_and_dista
     assert np.array_equal(a, b)
     np.testing.assert_allclose(permutation_distances(pre, tuned, a), permutation_distances(pre.float(), tuned.float(), a),
                                rtol=1e-12)
+
+
+def _features_reference(tensors, n_units, dtype):
+    """The plain definition: each bound axis moved first, cut into units, concatenated."""
+    from mergeshield.core.transforms import axis_view
+
+    parts = [axis_view(t, b).movedim(b.axis, 0) for t, b in tensors]
+    return torch.cat([p.reshape(n_units or p.shape[0], -1).to(dtype) for p in parts], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_unit_features_copy_columns_in_blocks_exactly(dtype):
+    """Column bindings (down projections, Conv1D) are transposed a few rows at a time: every
+    layout (row counts not a multiple of the block, chunks, heads of unequal sizes under GQA,
+    non-contiguous inputs, biases) must give the plain definition's features."""
+    from mergeshield.core.assignment import TRANSPOSE_ROWS, unit_features
+    from mergeshield.symmetry.spec import Binding
+
+    g = torch.Generator().manual_seed(0)
+    h, i = 2 * TRANSPOSE_ROWS + 3, 96
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(torch.bfloat16)
+
+    gate, down, bias, fused = rand(i, h), rand(h, i), rand(i), rand(h, 3 * i)
+    q_cols, kv_rows = rand(h, 4 * 24), rand(2 * 24, h)  # 4 query heads over 2 K/V heads of 24
+    cases = [
+        ([(gate, Binding(tensor="g", axis=0)), (down, Binding(tensor="d", axis=1)), (bias, Binding(tensor="b", axis=0))], None),
+        ([(gate, Binding(tensor="g", axis=0)), (down, Binding(tensor="d", axis=1))], 8),
+        ([(fused, Binding(tensor="c", axis=1, chunk=(1, 3))), (gate, Binding(tensor="g", axis=0))], None),
+        ([(fused, Binding(tensor="c", axis=1, chunk=(2, 3)))], 12),
+        ([(down.T.contiguous().T, Binding(tensor="d", axis=1))], None),
+        ([(kv_rows, Binding(tensor="k", axis=0)), (q_cols, Binding(tensor="o", axis=1))], 2),
+    ]
+    for tensors, n_units in cases:
+        got = unit_features(tensors, n_units, dtype)
+        want = _features_reference(tensors, n_units, dtype)
+        assert got.dtype == dtype and got.shape == want.shape and torch.equal(got, want), n_units

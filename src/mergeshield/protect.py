@@ -259,9 +259,7 @@ def _factor_bounds(
         dtype = model.dtype(bt.name)
         if dtype not in HALF_DTYPES:
             continue
-        rows = axis_view(tensors[bt.name], bt.binding).movedim(bt.binding.axis, 0)
-        rows = rows.reshape(rows.shape[0], -1)  # (axis_len, rest)
-        r_lo, r_hi = pow2_exponent_bounds(rows, dtype)
+        r_lo, r_hi = pow2_exponent_bounds(axis_view(tensors[bt.name], bt.binding), dtype, axis=bt.binding.axis)
         if bt.binding.inverse:  # these rows are multiplied by 2**-e
             r_lo, r_hi = -r_hi, -r_lo
         # map expanded rows back to their free factor: expand the free index itself

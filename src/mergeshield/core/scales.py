@@ -31,26 +31,30 @@ def sample_factors(rng: np.random.Generator, n: int, low: float, high: float, la
 
 
 def pow2_exponent_bounds(
-    rows: torch.Tensor, dtype: torch.dtype, headroom_bits: int = 8
+    t: torch.Tensor, dtype: torch.dtype, headroom_bits: int = 8, axis: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the range of exponents e such that ``rows * 2**e`` stays exactly representable.
+    """Per index along `axis`, the range of exponents e such that its slice ``* 2**e`` stays
+    exactly representable.
 
     Multiplying by a power of two is exact in binary floating point unless it overflows or
-    enters the subnormal range. For each row: ``max|x| * 2**e <= finfo.max / 2**headroom_bits``
+    enters the subnormal range. For each index: ``max|x| * 2**e <= finfo.max / 2**headroom_bits``
     (headroom for the activations computed from these weights) and
     ``min nonzero |x| * 2**e >= finfo.tiny``.
 
     Args:
-        rows: ``(n, F)`` values in the checkpoint's dtype, one row per scaled index.
+        t: values in the checkpoint's dtype; one scaled index per element of `axis`.
         dtype: the checkpoint dtype.
+        axis: the scaled axis (reduced over the others where they lie: no transposed copy).
 
     Returns:
         ``(lo, hi)`` int64 arrays; ``lo > hi`` where no exponent but 0 is safe.
     """
     info = torch.finfo(dtype)
-    a = rows.to(dtype).abs()  # extremes are exact in the stored dtype: no wider copy needed
-    big = a.amax(dim=1).double().clamp_min(info.tiny).numpy()
-    small = a.masked_fill_(a == 0, float("inf")).amin(dim=1).double().numpy()
+    a = t.to(dtype).abs()  # extremes are exact in the stored dtype: no wider copy needed
+    others = tuple(d for d in range(a.ndim) if d != axis)
+    big = (a.amax(dim=others) if others else a).double().clamp_min(info.tiny).numpy()
+    a.masked_fill_(a == 0, float("inf"))
+    small = (a.amin(dim=others) if others else a).double().numpy()
     hi = np.floor(np.log2(info.max / 2.0**headroom_bits / big))
     with np.errstate(divide="ignore"):
         lo = np.where(np.isfinite(small), np.ceil(np.log2(info.tiny / np.where(np.isfinite(small), small, 1.0))), -np.inf)
