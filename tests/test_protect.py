@@ -364,3 +364,22 @@ def test_protect_reads_ahead_every_model_tensor_and_only_the_base_tensors_it_pla
     assert asked["ft"] == ft_names
     assert any(".mlp." in n for n in asked["base"]) and any("q_proj" in n for n in asked["base"])
     assert not any("embed" in n or "norm" in n for n in asked["base"]), sorted(asked["base"])
+
+
+def test_block_size_trades_objective_for_time_and_one_block_is_exact(tiny_pair, tmp_path):
+    """--block-size reaches protect's block solver: one block as large as the layer is the
+    exact assignment (the same distances as --solver exact), tiny blocks fall short of it."""
+    base, ft, _ = tiny_pair("llama")  # MLP 96 units wide
+
+    def mlp_distances(**options: object) -> list[float]:
+        out = tmp_path / "-".join(f"{k}{v}" for k, v in options.items())
+        report = protect(ft, base, out, ProtectOptions(**options), progress=False)
+        return [r.dist_after for r in report.instances if r.kind == "permutation"]
+
+    exact = mlp_distances(solver="exact")
+    one_block = mlp_distances(solver="block", block_size=96)
+    small = mlp_distances(solver="block", block_size=8)
+    np.testing.assert_allclose(one_block, exact, rtol=1e-6)  # float32 features and distances for block
+    assert all(s < e for s, e in zip(small, exact, strict=True)), (small, exact)
+    with pytest.raises(ValueError, match="block_size"):
+        ProtectOptions(block_size=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -127,6 +128,7 @@ def protect(
     mix_vo: Annotated[bool, typer.Option(help="Per-head invertible V/O mixing instead of diagonal scales (float32).")] = _D["mix_vo"].default,
     mix_qk: Annotated[bool, typer.Option(help="Per-head invertible Q/K mixing, RoPE-compatible (float32).")] = _D["mix_qk"].default,
     solver: Annotated[str, typer.Option(help="MLP assignment: auto | exact | block | greedy | random.")] = _D["solver"].default,
+    block_size: Annotated[int, typer.Option(help="Units per block of the block solver (larger: nearer the exact objective, slower).")] = _D["block_size"].default,
     prune_rate: Annotated[float, typer.Option(help="Zero this fraction of transformed weights (changes the function).")] = _D["prune_rate"].default,
     key_out: Annotated[Path | None, typer.Option(help="Write a key file here (keep it private; not inside --out).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output once the new one is complete.")] = False,
@@ -138,7 +140,8 @@ def protect(
     options = ProtectOptions(
         seed=seed, permute_mlp=permute_mlp, scale_qk=scale_qk, scale_vo=scale_vo,
         scale_low=scale_low, scale_high=scale_high, scale_law=scale_law,  # type: ignore[arg-type]
-        scale_quantize=scale_quantize, prune_rate=prune_rate, solver=solver, mix_vo=mix_vo,  # type: ignore[arg-type]
+        scale_quantize=scale_quantize, prune_rate=prune_rate, solver=solver, block_size=block_size,  # type: ignore[arg-type]
+        mix_vo=mix_vo,
         permute_heads=permute_heads, mix_qk=mix_qk, permute_residual=permute_residual,
     )
     report = _protect(model_dir, base, out_dir, options, key_out=key_out, overwrite=overwrite, progress=not quiet)
@@ -306,7 +309,18 @@ def main() -> None:
     for sig in _SIGNALS:
         if signal.getsignal(sig) is not signal.SIG_IGN:  # keep nohup's choice
             signal.signal(sig, _interrupt)
-    sys.exit(app())
+    try:
+        sys.exit(app())
+    except SystemExit as exc:
+        if not _received:
+            raise
+        # Interrupted: the output is cleaned up and the message printed. Leave now rather than
+        # through interpreter finalisation, where a native thread aborted the process about once
+        # in 30 interrupted runs under load ("terminate called without an active exception":
+        # exit -6 instead of 130/143; the thread's owner was not found).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,11 @@ class ProtectOptions(BaseModel):
     Families: bert, llama, gpt2, vit (not clip). Off by default."""
     solver: Literal["auto", "exact", "block", "greedy", "random"] = "auto"
     """MLP assignment solver (see `mergeshield.core.assignment.SOLVERS`): ``auto`` is exact up to
-    4096 units per layer and block-exact (blocks of 1024) above."""
+    4096 units per layer and block-exact (blocks of `block_size`) above."""
+    block_size: int = Field(1024, ge=2)
+    """Units per block of the block solver. Larger blocks reach more of the exact objective and
+    cost more: on a 9216-unit stand-in for a large real layer, 1024 reached 0.956 of it, 2048
+    0.967 in about 2x the time, 4608 0.985 in about 8.5x (`benchmarks/solver_quality.py`)."""
     prune_rate: float = Field(0.0, ge=0.0, lt=1.0)
     """PaRaMS' dropout-based pruning against adaptive attackers: zero this fraction of the
     entries of every transformed tensor (random, seeded per tensor) before rearranging, without
@@ -404,7 +408,7 @@ class _Plan(Mapping[str, Transform]):
             f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
             del tuned, pre
             perm = farthest_permutation(f_pre, f_tuned, solver, rng=_instance_rng(self.options.seed, inst.id),
-                                        products=products)
+                                        products=products, block_size=self.options.block_size)
             transform = Transform(inst.id, perm=perm)
             moved = float((perm != np.arange(len(perm))).mean())
             what = "heads (distances before scaling)" if units else "units"
