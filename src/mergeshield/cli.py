@@ -315,9 +315,9 @@ def main() -> None:
         if not _received:
             raise
         # Interrupted: the output is cleaned up and the message printed. Leave now rather than
-        # through interpreter finalisation, where a native thread aborted the process about once
-        # in 30 interrupted runs under load ("terminate called without an active exception":
-        # exit -6 instead of 130/143; the thread's owner was not found).
+        # through interpreter finalisation, where a native thread twice aborted the process in the
+        # test suite's interrupt test ("terminate called without an active exception": exit -6
+        # instead of 130/143; rare, and the thread's owner was not found).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(exc.code if isinstance(exc.code, int) else 1)
