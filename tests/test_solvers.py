@@ -161,3 +161,19 @@ def test_unit_features_copy_columns_in_blocks_exactly(dtype):
         got = unit_features(tensors, n_units, dtype)
         want = _features_reference(tensors, n_units, dtype)
         assert got.dtype == dtype and got.shape == want.shape and torch.equal(got, want), n_units
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), seed=st.integers(0, 10_000), ties=st.booleans())
+def test_block_assignment_reaches_the_scipy_optimum(n, seed, ties):
+    """The block solver's LAP (lapx's lapjvr) is exact too: scipy's optimum on any square cost,
+    ties (bfloat16-rounded costs have many) included."""
+    from mergeshield.core.assignment import block_assignment
+
+    cost = np.random.default_rng(seed).normal(size=(n, n))
+    if ties:
+        cost = np.round(cost, 1)
+    perm = block_assignment(cost)
+    assert sorted(perm.tolist()) == list(range(n))
+    r, c = linear_sum_assignment(cost)
+    assert np.isclose(cost[np.arange(n), perm].sum(), cost[r, c].sum())
