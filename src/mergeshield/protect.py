@@ -362,6 +362,12 @@ class _Plan(Mapping[str, Transform]):
                 self._done[iid] = self._plan(inst)
         return self._done[iid][0]
 
+    @property
+    def read_names(self) -> set[str]:
+        """The model tensors an enabled transform is planned on: the only ones whose base
+        counterparts protect reads."""
+        return {bt.name for inst in self.instances.values() for bt in inst.tensors}
+
     def __contains__(self, iid: object) -> bool:  # enabled, planned or not (never plans)
         return iid in self.instances
 
@@ -772,8 +778,7 @@ def protect(
             if key_path is not None:
                 _write_key(key_path, plan.finish()[0], {**meta, "fingerprint": fp})
 
-        # the base is read only for the tensors an enabled transform is planned on
-        planned = {bt.name for iid in plan for bt in plan.instances[iid].tensors}
+        planned = plan.read_names
 
         def prefetch(batch: list[str]) -> None:
             model.prefetch(batch)
