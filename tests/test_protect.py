@@ -240,6 +240,59 @@ def test_key_is_never_inside_the_published_folder(tiny_pair, tmp_path):
     assert b"perm::" not in blob and b"scale::" not in blob
 
 
+def _plain_fingerprint(folder: Path, new_hash) -> str:
+    """The fingerprint by its definition: a hash of each tensor's name, dtype, shape and bytes,
+    then one hash of those digests in name order."""
+    digests = []
+    for name, t in sorted(_weights(folder).items()):
+        h = new_hash()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode() + t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digests.append(h.digest())
+    h = new_hash()
+    for d in digests:
+        h.update(d)
+    return h.hexdigest()
+
+
+def _rewrite_key_meta(key: Path, **changes) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(key, framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+        meta = json.loads(f.metadata()["mergeshield_key"])
+    meta.update(changes)
+    meta = {k: v for k, v in meta.items() if v is not None}
+    save_file(tensors, str(key), metadata={"mergeshield_key": json.dumps(meta)})
+
+
+def test_fingerprint_is_xxh3_of_the_written_weights_and_sha256_keys_still_work(tiny_pair, tmp_path):
+    import hashlib
+
+    import xxhash
+
+    from mergeshield.errors import KeyMismatchError
+
+    base, ft, _ = tiny_pair("llama")
+    key = tmp_path / "key"
+    report = protect(ft, base, tmp_path / "out", key_out=key, progress=False)
+    assert report.fingerprint == _plain_fingerprint(tmp_path / "out", xxhash.xxh3_128)
+    # a key written before xxh3 names no hash and holds the sha256 fingerprint: it still restores
+    _rewrite_key_meta(key, fingerprint=_plain_fingerprint(tmp_path / "out", hashlib.sha256), fingerprint_hash=None)
+    unprotect(tmp_path / "out", key, tmp_path / "restored", progress=False)
+    a, b = _weights(ft), _weights(tmp_path / "restored")
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-6, atol=1e-7, msg=n)
+    # ... and is still checked against the weights: the xxh3 fingerprint under sha256 is refused
+    _rewrite_key_meta(key, fingerprint=report.fingerprint)
+    with pytest.raises(KeyMismatchError, match="does not belong"):
+        unprotect(tmp_path / "out", key, tmp_path / "r2", progress=False)
+    _rewrite_key_meta(key, fingerprint_hash="blake9")
+    with pytest.raises(KeyMismatchError, match="'blake9'.*newer mergeshield"):
+        unprotect(tmp_path / "out", key, tmp_path / "r2", progress=False)
+    assert not (tmp_path / "r2").exists()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_head_permutation_preserves_function_and_round_trips(tiny_pair, tmp_path, family):
     base, ft, _ = tiny_pair(family)

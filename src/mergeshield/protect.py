@@ -50,6 +50,9 @@ from mergeshield.io.checkpoint import (
     check_output_path,
     copy_non_weight_files,
     structural_differences,
+    FINGERPRINT_HASH,
+    FINGERPRINT_HASHES,
+    fingerprint_of,
     tensor_digest,
     write_index,
     ShardWriter,
@@ -546,7 +549,8 @@ def rewrite_checkpoint(
     `prefetch(names)` (default: the template's `Checkpoint.prefetch`) is told the tensors about
     to be produced, about `PREFETCH_BYTES` of output ahead, so that their inputs' disk reads
     overlap with the work on earlier tensors.
-    Returns the fingerprint (sha256 over every output tensor's name, dtype, shape and bytes).
+    Returns the fingerprint (`FINGERPRINT_HASH` over every output tensor's name, dtype, shape and
+    bytes).
     `before_commit(fingerprint)` may raise to abandon the output.
     """
     dtype_of = dtype_of or template.dtype
@@ -606,13 +610,6 @@ def rewrite_checkpoint(
         if before_commit is not None:
             before_commit(fingerprint)
     return fingerprint
-
-
-def fingerprint_of(digests: dict[str, bytes]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(digests):
-        h.update(digests[name])
-    return h.hexdigest()
 
 
 def _transformed(
@@ -776,7 +773,7 @@ def protect(
 
         def commit_key(fp: str) -> None:
             if key_path is not None:
-                _write_key(key_path, plan.finish()[0], {**meta, "fingerprint": fp})
+                _write_key(key_path, plan.finish()[0], {**meta, "fingerprint": fp, "fingerprint_hash": FINGERPRINT_HASH})
 
         planned = plan.read_names
 
@@ -844,7 +841,13 @@ def unprotect(
         unknown = [t.instance_id for t in transforms if t.instance_id not in known]
         if unknown:
             raise KeyMismatchError(f"key {key} names layers this model lacks: {unknown[:4]}.")
-        actual = _fingerprint(ckpt)
+        algorithm = str(meta.get("fingerprint_hash", "sha256"))  # keys before xxh3 name none
+        if algorithm not in FINGERPRINT_HASHES:
+            raise KeyMismatchError(
+                f"key {key} fingerprints with {algorithm!r}, which this mergeshield does not know "
+                f"(it knows {sorted(FINGERPRINT_HASHES)}): the key comes from a newer mergeshield; upgrade it."
+            )
+        actual = _fingerprint(ckpt, algorithm)
         if actual != meta.get("fingerprint"):
             raise KeyMismatchError(
                 f"key {key} does not belong to {protected_dir}: the protected weights' fingerprint "
@@ -855,5 +858,5 @@ def unprotect(
         return rewrite_checkpoint(ckpt, out, produce, overwrite=overwrite, progress=progress, desc="restoring")
 
 
-def _fingerprint(ckpt: Checkpoint) -> str:
-    return fingerprint_of({name: tensor_digest(name, ckpt.get(name)) for name in ckpt.names})
+def _fingerprint(ckpt: Checkpoint, algorithm: str) -> str:
+    return fingerprint_of({name: tensor_digest(name, ckpt.get(name), algorithm) for name in ckpt.names}, algorithm)
