@@ -9,6 +9,10 @@ blocks the block solver cuts from the six layers pooled (9216 units), and, with 
 MLP layer of `bench_protect.py`'s synthetic 1B checkpoints (5632 units, its first 4096 x 4096
 block, and its sorted blocks). Every solver must reach scipy's optimum; the table gives seconds.
 
+Then the ``sparse`` solver's LAPs: the candidate graphs it builds on the same features (each row's
+and each column's `SPARSE_CANDIDATES` cheapest edges and one complete pairing), solved by lapx's
+``lapmod`` (what it uses) and by scipy's ``min_weight_full_bipartite_matching``.
+
 Usage: ``python benchmarks/lap_solvers.py [--work /tmp/bench]``. Not a test.
 """
 
@@ -65,6 +69,58 @@ def _blocks(pre: torch.Tensor, tuned: torch.Tensor) -> list[np.ndarray]:
     return captured
 
 
+def _graphs(pre: torch.Tensor, tuned: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    """The candidate graph the sparse solver solves on these features (bfloat16 products),
+    captured as it hands it to its LAP."""
+    from mergeshield.core import assignment
+
+    captured = []
+    real = assignment.sparse_assignment
+
+    def capture(rows, cols, cost, n):
+        captured.append((rows, cols, cost, n))
+        return real(rows, cols, cost, n)
+
+    assignment.sparse_assignment = capture
+    try:
+        assignment.farthest_permutation(pre.to(torch.bfloat16), tuned.to(torch.bfloat16), "sparse",
+                                        products=torch.bfloat16)
+    finally:
+        assignment.sparse_assignment = real
+    return captured
+
+
+def _sparse_table(graphs: list[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]) -> None:
+    import lap
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    def lapmod(m: csr_matrix) -> np.ndarray:
+        return np.asarray(lap.lapmod(m.shape[0], m.data, m.indptr.astype(np.int32), m.indices.astype(np.int32),
+                                     return_cost=False)[0])
+
+    def scipy_sparse(m: csr_matrix) -> np.ndarray:
+        r, c = min_weight_full_bipartite_matching(m)
+        perm = np.empty(m.shape[0], dtype=np.int64)
+        perm[r] = c
+        return perm
+
+    print(f"\n{'sparse graph':<36}{'edges/row':>10}{'lapx lapmod':>16}{'scipy LAPJVsp':>16}")
+    for name, (rows, cols, cost, n) in graphs:
+        m = csr_matrix((cost - cost.min() + 1.0, (rows, cols)), shape=(n, n))
+        m.sort_indices()
+        row, best = [], None
+        for solve in (lapmod, scipy_sparse):
+            t = time.perf_counter()
+            perm = solve(m)
+            sec = time.perf_counter() - t
+            total = float(np.asarray(m[np.arange(n), perm]).sum())
+            best = total if best is None else best
+            row.append(f"{sec:15.3f}{' ' if np.isclose(total, best, rtol=1e-12) else '!'}")
+        print(f"{name:<36}{len(rows) / n:10.1f}" + "".join(row))
+    print("seconds; '!' marks a solver that missed lapmod's optimum")
+
+
 def _features_1b(work: Path) -> tuple[str, torch.Tensor, torch.Tensor]:
     """The first MLP layer of `bench_protect.py`'s synthetic 1B base and fine-tune."""
     ft, base = Checkpoint(work / "1b-ft"), Checkpoint(work / "1b-base")
@@ -86,12 +142,14 @@ def main() -> None:
     pre, tuned = (torch.cat(x) for x in zip(*pooled))
     blocks = _blocks(pre, tuned)
     costs.append((f"MiniLM pooled: {len(blocks)} blocks", blocks))
+    graphs = [(f"MiniLM pooled ({pre.shape[0]})", g) for g in _graphs(pre, tuned)]
     if args.work is not None:
         name, pre, tuned = _features_1b(args.work)
         full = np.ascontiguousarray((pre @ tuned.T).numpy())
         costs += [(f"1B {name}", [full]), ("1B, its first 4096", [np.ascontiguousarray(full[:4096, :4096])])]
         blocks = _blocks(pre, tuned)
         costs.append((f"1B: {len(blocks)} blocks", blocks))
+        graphs += [(f"1B {name}", g) for g in _graphs(pre, tuned)]
     solvers = _solvers()
     print(f"{'cost matrix':<36}" + "".join(f"{s:>16}" for s in solvers))
     for name, mats in costs:
@@ -108,6 +166,7 @@ def main() -> None:
             row.append(f"{sec:15.3f}{' ' if ok else '!'}")
         print(f"{name:<36}" + "".join(row))
     print("seconds (all blocks of a row together); '!' marks a solver that missed scipy's optimum")
+    _sparse_table(graphs)
 
 
 if __name__ == "__main__":

@@ -104,13 +104,15 @@ def minilm_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torc
 def _shares(label: str, pre: torch.Tensor, tuned: torch.Tensor, larger_blocks: bool = False) -> None:
     """Each solver's time and share of the exact objective on one layer's features."""
     runs = {}
-    solvers = [("exact", "exact", 0), ("block1024", "block", 1024), ("block512", "block", 512),
+    solvers = [("exact", "exact", 0), ("sparse32", "sparse", 32), ("sparse16", "sparse", 16), ("sparse8", "sparse", 8),
+               ("block1024", "block", 1024), ("block512", "block", 512),
                ("block256", "block", 256), ("greedy", "greedy", 0), ("random", "random", 0)]
     if larger_blocks:
-        solvers[1:1] = [("block4608", "block", 4608), ("block2048", "block", 2048)]
+        solvers[4:4] = [("block4608", "block", 4608), ("block2048", "block", 2048)]
     for name, solver, size in solvers:
         t = time.perf_counter()
-        perm = farthest_permutation(pre, tuned, solver, block_size=size or 1024, rng=np.random.default_rng(0))
+        perm = farthest_permutation(pre, tuned, solver, block_size=size or 1024, candidates=size or 16,
+                                    rng=np.random.default_rng(0))
         runs[name] = (time.perf_counter() - t, permutation_objective(pre, tuned, perm))
     runs["identity"] = (0.0, permutation_objective(pre, tuned, np.arange(pre.shape[0])))  # the task vector's
     for name, (sec, obj) in runs.items():

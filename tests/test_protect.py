@@ -419,9 +419,10 @@ def test_protect_reads_ahead_every_model_tensor_and_only_the_base_tensors_it_pla
     assert not any("embed" in n or "norm" in n for n in asked["base"]), sorted(asked["base"])
 
 
-def test_block_size_trades_objective_for_time_and_one_block_is_exact(tiny_pair, tmp_path):
+def test_block_size_and_candidates_trade_objective_for_time_and_the_whole_layer_is_exact(tiny_pair, tmp_path):
     """--block-size reaches protect's block solver: one block as large as the layer is the
-    exact assignment (the same distances as --solver exact), tiny blocks fall short of it."""
+    exact assignment (the same distances as --solver exact), tiny blocks fall short of it; and
+    --candidates the sparse solver's, alike."""
     base, ft, _ = tiny_pair("llama")  # MLP 96 units wide
 
     def mlp_distances(**options: object) -> list[float]:
@@ -436,3 +437,10 @@ def test_block_size_trades_objective_for_time_and_one_block_is_exact(tiny_pair, 
     assert all(s < e for s, e in zip(small, exact, strict=True)), (small, exact)
     with pytest.raises(ValueError, match="block_size"):
         ProtectOptions(block_size=1)
+    # the same for --candidates and the sparse solver: every column a candidate is exact
+    every = mlp_distances(solver="sparse", candidates=96)
+    one = mlp_distances(solver="sparse", candidates=1)
+    np.testing.assert_allclose(every, exact, rtol=1e-6)
+    assert all(s < e for s, e in zip(one, exact, strict=True)), (one, exact)
+    with pytest.raises(ValueError, match="candidates"):
+        ProtectOptions(candidates=0)

@@ -127,8 +127,9 @@ def protect(
     permute_residual: Annotated[bool, typer.Option(help="Also permute the hidden dimension of the whole model (beyond PaRaMS; not clip).")] = _D["permute_residual"].default,
     mix_vo: Annotated[bool, typer.Option(help="Per-head invertible V/O mixing instead of diagonal scales (float32).")] = _D["mix_vo"].default,
     mix_qk: Annotated[bool, typer.Option(help="Per-head invertible Q/K mixing, RoPE-compatible (float32).")] = _D["mix_qk"].default,
-    solver: Annotated[str, typer.Option(help="MLP assignment: auto | exact | block | greedy | random.")] = _D["solver"].default,
+    solver: Annotated[str, typer.Option(help="MLP assignment: auto | exact | sparse | block | greedy | random.")] = _D["solver"].default,
     block_size: Annotated[int, typer.Option(help="Units per block of the block solver (larger: nearer the exact objective, slower).")] = _D["block_size"].default,
+    candidates: Annotated[int, typer.Option(help="Columns per row kept by the sparse solver (more: nearer the exact objective, slower).")] = _D["candidates"].default,
     prune_rate: Annotated[float, typer.Option(help="Zero this fraction of transformed weights (changes the function).")] = _D["prune_rate"].default,
     key_out: Annotated[Path | None, typer.Option(help="Write a key file here (keep it private; not inside --out).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output once the new one is complete.")] = False,
@@ -140,7 +141,7 @@ def protect(
     options = ProtectOptions(
         seed=seed, permute_mlp=permute_mlp, scale_qk=scale_qk, scale_vo=scale_vo,
         scale_low=scale_low, scale_high=scale_high, scale_law=scale_law,  # type: ignore[arg-type]
-        scale_quantize=scale_quantize, prune_rate=prune_rate, solver=solver, block_size=block_size,  # type: ignore[arg-type]
+        scale_quantize=scale_quantize, prune_rate=prune_rate, solver=solver, block_size=block_size, candidates=candidates,  # type: ignore[arg-type]
         mix_vo=mix_vo,
         permute_heads=permute_heads, mix_qk=mix_qk, permute_residual=permute_residual,
     )
