@@ -139,7 +139,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="scratch folder for checkpoints (needs disk)")
     ap.add_argument("--out", type=Path, default=Path("bench_protect.json"))
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
-    ap.add_argument("--solvers", default="auto,block,random", help="protect solvers to time (exact is slow at 7b)")
+    ap.add_argument("--solvers", default="auto,sparse,block,random", help="protect solvers to time (exact is slow at 7b)")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of copy + protect runs (medians are reported)")
     ap.add_argument("--parts", default="protect,objective,merge", help="which measurements to run")
@@ -225,7 +225,7 @@ def main() -> None:
         results["block_products"] = str(products)
         objective: dict[str, dict[str, float]] = {}
         best = None
-        for solver in ("exact", "block", "greedy", "random"):
+        for solver in ("exact", "sparse", "block", "greedy", "random"):
             if solver == "exact" and inst.size > 6000 and not args.exact_layer:
                 continue
             t = time.perf_counter()

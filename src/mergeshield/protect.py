@@ -119,9 +119,9 @@ class ProtectOptions(BaseModel):
     cost more: on a 9216-unit stand-in for a large real layer, 1024 reached 0.956 of it, 2048
     0.967 in about 2x the time, 4608 0.985 in about 8.5x (`benchmarks/solver_quality.py`)."""
     candidates: int = Field(SPARSE_CANDIDATES, ge=1)
-    """Columns per row of the sparse solver's cost matrix. More reach more of the exact objective:
-    on a 9216-unit stand-in for a large real layer 8 reached 0.984 of it, 16 0.994, 32 0.999
-    (`mergeshield.core.assignment.SPARSE_CANDIDATES`)."""
+    """Cheapest columns per row (and rows per column) the sparse solver keeps. More reach more of
+    the exact objective: on a 9216-unit stand-in for a large real layer 8 reached 0.9912 of it,
+    16 0.9986, 32 0.9998 (`mergeshield.core.assignment.SPARSE_CANDIDATES`)."""
     prune_rate: float = Field(0.0, ge=0.0, lt=1.0)
     """PaRaMS' dropout-based pruning against adaptive attackers: zero this fraction of the
     entries of every transformed tensor (random, seeded per tensor) before rearranging, without

@@ -42,9 +42,9 @@ SOLVERS = ("auto", "exact", "sparse", "block", "greedy", "random")
 case to solve). ``sparse``: the full cost matrix, a few rows at a time, keeping each row's
 `SPARSE_CANDIDATES` cheapest columns, plus one complete pairing (the block solver's sort order,
 so that a solution exists); then an exact sparse assignment on those edges (lapx's ``lapmod``).
-On a real-weight stand-in it reached 0.994 of the exact objective where ``block`` reached 0.956;
-at Llama-2-7B's width its cost is the full product (about 1.6 s a layer here in bfloat16, against
-0.7 s for ``block``'s whole solve): see `sparse_assignment`. ``block``: sort units along their leading principal direction (base units
+On the real-weight stand-in of `benchmarks/solver_quality.py` it reached 0.9986 of the exact
+objective (``block`` 0.956); its cost is mostly the full product, which at Llama-2-7B's width is
+about 3 TFLOP a layer (see `SPARSE_CANDIDATES`). ``block``: sort units along their leading principal direction (base units
 ascending, fine-tuned units descending, so opposite units meet), cut into blocks of
 ``block_size`` and solve each block exactly: only the block-diagonal costs are ever computed.
 The direction comes from at most 2048 evenly spaced base units (it only orders units).
@@ -58,9 +58,10 @@ real data the merged accuracy of a protected model did not follow the objective 
 of the exact distance: `configs/solver-minilm.yaml`)."""
 EXACT_MAX = 4096
 SPARSE_CANDIDATES = 16
-"""Columns kept per row by the ``sparse`` solver. On the 9216-unit real-weight stand-in of
-`benchmarks/solver_quality.py`: 8 reached 0.984 of the exact objective, 16 0.994, 32 0.999, 64
-0.9999, the sparse solve taking about 0.1, 0.5, 1.7, 3.4 s (the exact one 12 s)."""
+"""Cheapest columns kept per row, and rows per column, by the ``sparse`` solver. On the
+9216-unit real-weight stand-in of `benchmarks/solver_quality.py` 8 reached 0.9912 of the exact
+objective, 16 0.9986, 32 0.9998, in 2.4, 2.1 and 3.0 s (exact: 11.4 s; the block solver 0.956 in
+0.3 s); on MiniLM's own 1536-unit layers 16 reached 0.9996-0.9999."""
 
 
 def unit_features(
@@ -314,7 +315,7 @@ def sparse_assignment(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, n: i
     permutation must use given edges only).
 
     lapx's ``lapmod`` (sparse Jonker-Volgenant) solves it: on the ``sparse`` solver's graphs it took
-    2-3x less time than scipy's ``min_weight_full_bipartite_matching`` for the same optimum
+    17-26% less time than scipy's ``min_weight_full_bipartite_matching`` for the same optimum
     (`benchmarks/lap_solvers.py`). An answer that is not a permutation along given edges (lapmod
     has no feasibility check) falls back to scipy, which raises ValueError on an infeasible graph."""
     from scipy.sparse import csr_matrix
