@@ -13,7 +13,7 @@ Then the ``sparse`` solver's LAPs: the candidate graphs it builds on the same fe
 and each column's `SPARSE_CANDIDATES` cheapest edges and one complete pairing), solved by lapx's
 ``lapmod`` (what it uses) and by scipy's ``min_weight_full_bipartite_matching``.
 
-Usage: ``python benchmarks/lap_solvers.py [--work /tmp/bench]``. Not a test.
+Usage: ``python benchmarks/lap_solvers.py [--work /tmp/bench] [--work7 /tmp/bench7]``. Not a test.
 """
 
 from __future__ import annotations
@@ -121,18 +121,19 @@ def _sparse_table(graphs: list[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarr
     print("seconds; '!' marks a solver that missed lapmod's optimum")
 
 
-def _features_1b(work: Path) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """The first MLP layer of `bench_protect.py`'s synthetic 1B base and fine-tune."""
-    ft, base = Checkpoint(work / "1b-ft"), Checkpoint(work / "1b-base")
+def _first_mlp(work: Path, shape: str = "1b", dtype: torch.dtype = torch.float64) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The first MLP layer of `bench_protect.py`'s synthetic base and fine-tune of that shape."""
+    ft, base = Checkpoint(work / f"{shape}-ft"), Checkpoint(work / f"{shape}-base")
     inst = next(i for i in bind_checkpoint(ft).instances if i.space.kind == "permutation" and not i.model_scoped)
-    pre = unit_features([(base.get(bt.name), bt.binding) for bt in inst.tensors])
-    tuned = unit_features([(ft.get(bt.name), bt.binding) for bt in inst.tensors])
+    pre = unit_features([(base.get(bt.name), bt.binding) for bt in inst.tensors], dtype=dtype)
+    tuned = unit_features([(ft.get(bt.name), bt.binding) for bt in inst.tensors], dtype=dtype)
     return f"{inst.id} ({inst.size})", pre, tuned
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, help="bench_protect.py's folder with 1b-base and 1b-ft")
+    ap.add_argument("--work7", type=Path, help="bench_protect.py's folder with 7b-base and 7b-ft (sparse table only)")
     args = ap.parse_args()
     costs: list[tuple[str, list[np.ndarray]]] = []
     pooled = []
@@ -144,12 +145,15 @@ def main() -> None:
     costs.append((f"MiniLM pooled: {len(blocks)} blocks", blocks))
     graphs = [(f"MiniLM pooled ({pre.shape[0]})", g) for g in _graphs(pre, tuned)]
     if args.work is not None:
-        name, pre, tuned = _features_1b(args.work)
+        name, pre, tuned = _first_mlp(args.work)
         full = np.ascontiguousarray((pre @ tuned.T).numpy())
         costs += [(f"1B {name}", [full]), ("1B, its first 4096", [np.ascontiguousarray(full[:4096, :4096])])]
         blocks = _blocks(pre, tuned)
         costs.append((f"1B: {len(blocks)} blocks", blocks))
         graphs += [(f"1B {name}", g) for g in _graphs(pre, tuned)]
+    if args.work7 is not None:
+        name, pre, tuned = _first_mlp(args.work7, "7b", torch.bfloat16)
+        graphs += [(f"7B {name}", g) for g in _graphs(pre, tuned)]
     solvers = _solvers()
     print(f"{'cost matrix':<36}" + "".join(f"{s:>16}" for s in solvers))
     for name, mats in costs:

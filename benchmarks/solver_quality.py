@@ -84,7 +84,8 @@ def main() -> None:
     # no large real MLP ships with a package: as a stand-in for one, the units of all six layers
     # as one layer (their statistics differ from layer to layer, as units in a large layer do)
     pre, tuned = (torch.cat(x) for x in zip(*pooled))
-    _shares(f"all{pre.shape[0]}", pre, tuned, larger_blocks=True)
+    exact = _shares(f"all{pre.shape[0]}", pre, tuned, larger_blocks=True)
+    _where_partners_are(pre, tuned, exact)
 
 
 def minilm_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -101,8 +102,28 @@ def minilm_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torc
             yield inst.id, pre, pre + noise * pre.std() * torch.randn(pre.shape, generator=g, dtype=pre.dtype)
 
 
-def _shares(label: str, pre: torch.Tensor, tuned: torch.Tensor, larger_blocks: bool = False) -> None:
-    """Each solver's time and share of the exact objective on one layer's features."""
+def _where_partners_are(pre: torch.Tensor, tuned: torch.Tensor, exact: np.ndarray) -> None:
+    """Where the exact solution's partners are: their rank among the costs of their row (what
+    the sparse solver's candidates must catch), and their distance in the block solver's sort
+    order (what its blocks must catch)."""
+    from mergeshield.core.assignment import _sort_orders
+
+    n = len(exact)
+    cost = (pre @ tuned.T).numpy()
+    rank = (cost < cost[np.arange(n), exact][:, None]).sum(1)  # 0 = the row's cheapest
+    rows, cols = _sort_orders(pre, tuned)
+    row_at, col_at = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    row_at[rows], col_at[cols] = np.arange(n), np.arange(n)
+    apart = np.abs(col_at[exact] - row_at)
+    print(f"exact partners: rank in their row's costs median {np.median(rank):.0f}, 90th percentile "
+          f"{np.percentile(rank, 90):.0f}, 99th {np.percentile(rank, 99):.0f}, max {rank.max()}; places apart in "
+          f"the block solver's sort order median {np.median(apart):.0f}, 90th percentile {np.percentile(apart, 90):.0f} "
+          f"(of {n})")
+
+
+def _shares(label: str, pre: torch.Tensor, tuned: torch.Tensor, larger_blocks: bool = False) -> np.ndarray:
+    """Each solver's time and share of the exact objective on one layer's features; returns the
+    exact permutation."""
     runs = {}
     solvers = [("exact", "exact", 0), ("sparse32", "sparse", 32), ("sparse16", "sparse", 16), ("sparse8", "sparse", 8),
                ("block1024", "block", 1024), ("block512", "block", 512),
@@ -114,9 +135,12 @@ def _shares(label: str, pre: torch.Tensor, tuned: torch.Tensor, larger_blocks: b
         perm = farthest_permutation(pre, tuned, solver, block_size=size or 1024, candidates=size or 16,
                                     rng=np.random.default_rng(0))
         runs[name] = (time.perf_counter() - t, permutation_objective(pre, tuned, perm))
+        if name == "exact":
+            exact = perm
     runs["identity"] = (0.0, permutation_objective(pre, tuned, np.arange(pre.shape[0])))  # the task vector's
     for name, (sec, obj) in runs.items():
         print(f"{label:<10} {name:<11} {sec:8.3f} {obj / runs['exact'][1]:16.4f}")
+    return exact
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ EXACT_MAX = 4096
 SPARSE_CANDIDATES = 16
 """Cheapest columns kept per row, and rows per column, by the ``sparse`` solver. On the
 9216-unit real-weight stand-in of `benchmarks/solver_quality.py` 8 reached 0.9912 of the exact
-objective, 16 0.9986, 32 0.9998, in 2.4, 2.1 and 3.0 s (exact: 11.4 s; the block solver 0.956 in
-0.3 s); on MiniLM's own 1536-unit layers 16 reached 0.9996-0.9999."""
+objective, 16 0.9986, 32 0.9998, in 2.4-2.8, 2.1-2.4 and 3.0-3.3 s (two runs; exact: 11.4-12.3 s;
+the block solver 0.956 in 0.3 s); on MiniLM's own 1536-unit layers 16 reached 0.9962-0.9999."""
 
 
 def unit_features(
@@ -315,7 +315,7 @@ def sparse_assignment(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, n: i
     permutation must use given edges only).
 
     lapx's ``lapmod`` (sparse Jonker-Volgenant) solves it: on the ``sparse`` solver's graphs it took
-    17-26% less time than scipy's ``min_weight_full_bipartite_matching`` for the same optimum
+    10-26% less time than scipy's ``min_weight_full_bipartite_matching`` for the same optimum
     (`benchmarks/lap_solvers.py`). An answer that is not a permutation along given edges (lapmod
     has no feasibility check) falls back to scipy, which raises ValueError on an infeasible graph."""
     from scipy.sparse import csr_matrix
