@@ -111,3 +111,17 @@ def test_real_minilm_sentence_embeddings_are_unchanged(tmp_path):
     # and the protected weights really differ
     assert not torch.equal(load_file(tmp_path / "p" / "model.safetensors")["encoder.layer.0.intermediate.dense.weight"],
                            w["encoder.layer.0.intermediate.dense.weight"])
+
+
+def test_importing_mergeshield_before_torch_turns_on_huge_pages_unless_told_otherwise():
+    """The package sets PyTorch's THP_MEM_ALLOC_ENABLE before torch loads (protect's allocations
+    then fault in 2 MB pages, not 4 KB ones); a value the user set is kept."""
+    import os
+
+    code = "import os, mergeshield, torch; torch.ones(1 << 20); print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.stdout.strip() == "1", res.stderr
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**env, "THP_MEM_ALLOC_ENABLE": "0"})
+    assert res.stdout.strip() == "0", res.stderr
