@@ -40,8 +40,9 @@ __all__ = [
 SOLVERS = ("auto", "exact", "sparse", "block", "greedy", "random")
 """``exact``: scipy's Jonker-Volgenant on the full cost matrix (O(n^2 F) to build, O(n^3) worst
 case to solve). ``sparse``: the full cost matrix, a few rows at a time, keeping each row's
-`SPARSE_CANDIDATES` cheapest columns, plus one complete pairing (the block solver's sort order,
-so that a solution exists); then an exact sparse assignment on those edges (lapx's ``lapmod``).
+`SPARSE_CANDIDATES` cheapest columns and each column's cheapest rows, plus one complete pairing
+(the block solver's sort order, so that a solution exists); then an exact sparse assignment on
+those edges (lapx's ``lapmod``).
 On the real-weight stand-in of `benchmarks/solver_quality.py` it reached 0.9986 of the exact
 objective (``block`` 0.956); its cost is mostly the full product, which at Llama-2-7B's width is
 about 3 TFLOP a layer (see `SPARSE_CANDIDATES`). ``block``: sort units along their leading principal direction (base units
@@ -161,7 +162,7 @@ def farthest_permutation(
         block_size: units per block for ``block``.
         rng: random source for ``greedy`` (row order) and ``random``.
         products: the dtype ``block`` and ``sparse`` multiply their costs in (default float32).
-        candidates: columns per row for ``sparse``.
+        candidates: cheapest columns per row (and rows per column) ``sparse`` keeps.
 
     Returns:
         int64 array ``perm`` with ``protected_unit[i] = tuned_unit[perm[i]]``.
