@@ -48,46 +48,35 @@ def _solvers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
     return solvers
 
 
-def _blocks(pre: torch.Tensor, tuned: torch.Tensor) -> list[np.ndarray]:
-    """The cost blocks the block solver solves on these features (bfloat16 products, as protect
-    on a bfloat16 checkpoint), captured as it hands them to its LAP."""
+def _captured(pre: torch.Tensor, tuned: torch.Tensor, solver: str, hook: str) -> list[tuple]:
+    """The arguments `solver` hands to its LAP (`mergeshield.core.assignment`'s function `hook`)
+    on these features (bfloat16 products, as protect on a bfloat16 checkpoint)."""
     from mergeshield.core import assignment
 
-    captured: list[np.ndarray] = []
-    real = assignment.block_assignment
+    captured: list[tuple] = []
+    real = getattr(assignment, hook)
 
-    def capture(cost: np.ndarray) -> np.ndarray:
-        captured.append(np.ascontiguousarray(cost))
-        return real(cost)
+    def capture(*args):
+        captured.append(args)
+        return real(*args)
 
-    assignment.block_assignment = capture
+    setattr(assignment, hook, capture)
     try:
-        assignment.farthest_permutation(pre.to(torch.bfloat16), tuned.to(torch.bfloat16), "block",
+        assignment.farthest_permutation(pre.to(torch.bfloat16), tuned.to(torch.bfloat16), solver,
                                         products=torch.bfloat16)
     finally:
-        assignment.block_assignment = real
+        setattr(assignment, hook, real)
     return captured
+
+
+def _blocks(pre: torch.Tensor, tuned: torch.Tensor) -> list[np.ndarray]:
+    """The cost blocks the block solver solves on these features."""
+    return [np.ascontiguousarray(cost) for (cost,) in _captured(pre, tuned, "block", "block_assignment")]
 
 
 def _graphs(pre: torch.Tensor, tuned: torch.Tensor) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
-    """The candidate graph the sparse solver solves on these features (bfloat16 products),
-    captured as it hands it to its LAP."""
-    from mergeshield.core import assignment
-
-    captured = []
-    real = assignment.sparse_assignment
-
-    def capture(rows, cols, cost, n):
-        captured.append((rows, cols, cost, n))
-        return real(rows, cols, cost, n)
-
-    assignment.sparse_assignment = capture
-    try:
-        assignment.farthest_permutation(pre.to(torch.bfloat16), tuned.to(torch.bfloat16), "sparse",
-                                        products=torch.bfloat16)
-    finally:
-        assignment.sparse_assignment = real
-    return captured
+    """The candidate graph the sparse solver solves on these features: (rows, cols, cost, n)."""
+    return _captured(pre, tuned, "sparse", "sparse_assignment")
 
 
 def _sparse_table(graphs: list[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarray, int]]]) -> None:
