@@ -271,6 +271,19 @@ def test_unprotect_with_a_key_for_another_model_is_refused(tiny_pair, tmp_path):
     (tmp_path / "notakey").write_bytes(b"hello")
     with pytest.raises(KeyMismatchError, match="cannot be read"):
         unprotect(tmp_path / "p1", tmp_path / "notakey", tmp_path / "r", progress=False)
+    # a key whose layers have other sizes (a wider model of the same architecture): refused before
+    # any work, with a message that says so
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(tmp_path / "k1", framework="pt") as f:
+        tensors, meta = {n: f.get_tensor(n) for n in f.keys()}, f.metadata()
+    name = next(n for n in tensors if n.startswith("perm::"))
+    tensors[name] = torch.cat([tensors[name], torch.tensor([len(tensors[name])])])
+    save_file(tensors, str(tmp_path / "k4"), metadata=meta)
+    with pytest.raises(KeyMismatchError, match="other sizes"):
+        unprotect(tmp_path / "p1", tmp_path / "k4", tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
 
 
 def test_bad_options_are_refused():

@@ -120,9 +120,8 @@ class ProtectOptions(BaseModel):
     cost more: on a 9216-unit stand-in for a large real layer, 1024 reached 0.956 of it, 2048
     0.967 in about 2x the time, 4608 0.985 in about 8.5x (`benchmarks/solver_quality.py`)."""
     candidates: int = Field(SPARSE_CANDIDATES, ge=1)
-    """Cheapest columns per row (and rows per column) the sparse solver keeps. More reach more of
-    the exact objective: on a 9216-unit stand-in for a large real layer 8 reached 0.9912 of it,
-    16 0.9986, 32 0.9998 (`mergeshield.core.assignment.SPARSE_CANDIDATES`)."""
+    """Cheapest columns per row (and rows per column) the sparse solver keeps: more reach more of
+    the exact objective, at more time (measured in `mergeshield.core.assignment.SPARSE_CANDIDATES`)."""
     prune_rate: float = Field(0.0, ge=0.0, lt=1.0)
     """PaRaMS' dropout-based pruning against adaptive attackers: zero this fraction of the
     entries of every transformed tensor (random, seeded per tensor) before rearranging, without
@@ -854,16 +853,47 @@ def unprotect(
                 f"key {key} fingerprints with {algorithm!r}, which this mergeshield does not know "
                 f"(it knows {sorted(FINGERPRINT_HASHES)}): the key comes from a newer mergeshield; upgrade it."
             )
-        actual = _fingerprint(ckpt, algorithm)
-        if actual != meta.get("fingerprint"):
+        sizes = {inst.id: inst for inst in bound.instances}
+        wrong = [t.instance_id for t in transforms if _key_size(t) != _instance_size(sizes[t.instance_id], t)]
+        if wrong:
             raise KeyMismatchError(
-                f"key {key} does not belong to {protected_dir}: the protected weights' fingerprint "
-                f"is {actual[:16]}..., the key expects {str(meta.get('fingerprint'))[:16]}.... Use the "
-                "key written when this exact model was protected (the weights must be unchanged)."
+                f"key {key} does not belong to {protected_dir}: its transforms for {wrong[:4]} have other sizes "
+                "than this model's layers. Use the key written when this exact model was protected."
             )
-        produce = _transformed(ckpt, bound, transforms, inverse=True)
-        return rewrite_checkpoint(ckpt, out, produce, overwrite=overwrite, progress=progress, desc="restoring")
+        # The fingerprint is checked on the same pass that restores (each protected tensor is
+        # hashed as it is read, before it is transformed), not on a pass of its own: a mismatch
+        # abandons the restored output before it appears.
+        inverse = _transformed(ckpt, bound, transforms, inverse=True)
+        digests: dict[str, bytes] = {}
+
+        def produce(name: str) -> torch.Tensor:
+            digests[name] = tensor_digest(name, ckpt.get(name), algorithm)
+            return inverse(name)
+
+        def check(_restored: str) -> None:
+            actual = fingerprint_of(digests, algorithm)
+            if actual != meta.get("fingerprint"):
+                raise KeyMismatchError(
+                    f"key {key} does not belong to {protected_dir}: the protected weights' fingerprint "
+                    f"is {actual[:16]}..., the key expects {str(meta.get('fingerprint'))[:16]}.... Use the "
+                    "key written when this exact model was protected (the weights must be unchanged)."
+                )
+
+        return rewrite_checkpoint(ckpt, out, produce, overwrite=overwrite, progress=progress, desc="restoring",
+                                  before_commit=check)
 
 
-def _fingerprint(ckpt: Checkpoint, algorithm: str) -> str:
-    return fingerprint_of({name: tensor_digest(name, ckpt.get(name), algorithm) for name in ckpt.names}, algorithm)
+def _key_size(t: Transform) -> int:
+    if t.perm is not None:
+        return len(t.perm)
+    if t.factors is not None:
+        return t.factors.size
+    assert t.matrices is not None
+    return t.matrices.shape[0] * t.matrices.shape[1]
+
+
+def _instance_size(inst: SpaceInstance, t: Transform) -> int:
+    """What `_key_size` must be for this model: units, free factors, or heads x head_dim."""
+    return inst.heads * inst.head_dim if t.matrices is not None else inst.size
+
+
