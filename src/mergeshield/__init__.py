@@ -12,8 +12,8 @@ if "torch" not in _sys.modules:
     # Before torch loads: its CPU allocations of 2 MB and more on transparent huge pages
     # (PyTorch's own switch; unset, it is off). Protect allocates and frees tens of GB of
     # short-lived tensors; with 4 KB pages each new one page-faults and is zeroed page by page.
-    # At Llama-2-7B size this took protect from 27-30 to 14-17 system CPU-seconds and from
-    # 57-61 s to 46-53 s (`benchmarks/peak_rss_protect.py`, alternating runs). Only where the
+    # At Llama-2-7B size this took protect from 21-32 to 14-17 system CPU-seconds and from
+    # 52-69 s to 46-56 s (`benchmarks/peak_rss_protect.py`, five alternating pairs). Only where the
     # kernel allows it (THP "madvise" or "always"); a value already set (e.g. 0) is kept.
     _os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 

@@ -129,7 +129,7 @@ def protect(
     mix_qk: Annotated[bool, typer.Option(help="Per-head invertible Q/K mixing, RoPE-compatible (float32).")] = _D["mix_qk"].default,
     solver: Annotated[str, typer.Option(help="MLP assignment: auto | exact | sparse | block | greedy | random.")] = _D["solver"].default,
     block_size: Annotated[int, typer.Option(help="Units per block of the block solver (larger: nearer the exact objective, slower).")] = _D["block_size"].default,
-    candidates: Annotated[int, typer.Option(help="Columns per row kept by the sparse solver (more: nearer the exact objective, slower).")] = _D["candidates"].default,
+    candidates: Annotated[int, typer.Option(help="Cheapest columns per row (and rows per column) the sparse solver keeps (more: nearer the exact objective, slower).")] = _D["candidates"].default,
     prune_rate: Annotated[float, typer.Option(help="Zero this fraction of transformed weights (changes the function).")] = _D["prune_rate"].default,
     key_out: Annotated[Path | None, typer.Option(help="Write a key file here (keep it private; not inside --out).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output once the new one is complete.")] = False,

@@ -43,11 +43,11 @@ case to solve). ``sparse``: the full cost matrix, a few rows at a time, keeping 
 `SPARSE_CANDIDATES` cheapest columns and each column's cheapest rows, plus one complete pairing
 (the block solver's sort order, so that a solution exists); then an exact sparse assignment on
 those edges (lapx's ``lapmod``).
-On the real-weight stand-in of `benchmarks/solver_quality.py` it reached 0.9986 of the exact
-objective (``block`` 0.956); its cost is mostly the full product, which at Llama-2-7B's width is
-about 3 TFLOP a layer (see `SPARSE_CANDIDATES`). ``block``: sort units along their leading principal direction (base units
-ascending, fine-tuned units descending, so opposite units meet), cut into blocks of
-``block_size`` and solve each block exactly: only the block-diagonal costs are ever computed.
+Nearer the exact objective than ``block`` (see `SPARSE_CANDIDATES`); its cost is mostly the
+full product, about 3 TFLOP a layer at Llama-2-7B's width.
+``block``: sort units along their leading principal direction (base units ascending,
+fine-tuned units descending, so opposite units meet), cut into blocks of ``block_size`` and solve
+each block exactly: only the block-diagonal costs are ever computed.
 The direction comes from at most 2048 evenly spaced base units (it only orders units).
 Block costs may be multiplied in bfloat16 (``products``; protect does so for bfloat16 checkpoints
 on CPUs with native bfloat16 matrix units, see `native_bfloat16`): the inputs are then exact and
@@ -318,7 +318,7 @@ def sparse_assignment(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, n: i
     permutation must use given edges only).
 
     lapx's ``lapmod`` (sparse Jonker-Volgenant) solves it: on the ``sparse`` solver's graphs it took
-    10-26% less time than scipy's ``min_weight_full_bipartite_matching`` for the same optimum
+    9-26% less time than scipy's ``min_weight_full_bipartite_matching`` for the same optimum
     (`benchmarks/lap_solvers.py`). An answer that is not a permutation along given edges (lapmod
     has no feasibility check) falls back to scipy, which raises ValueError on an infeasible graph."""
     from scipy.sparse import csr_matrix

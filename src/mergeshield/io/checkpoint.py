@@ -632,7 +632,7 @@ def _dtype_of(name: str, path: Path, tensor: str) -> torch.dtype:
 FINGERPRINT_HASH = "xxh3_128"
 """The hash behind output fingerprints (they match a key to its protected weights; a checksum,
 not a signature: publish ``sha256sum`` of the files for that). xxh3-128 hashed 10 GB/s here,
-sha256 1.3 GB/s (with SHA-NI): at Llama-2-7B size sha256 took about 10 CPU-seconds of protect.
+sha256 1.3 GB/s (with SHA-NI; an ad-hoc timing of one 256 MB buffer): at Llama-2-7B size sha256 took about 10 CPU-seconds of protect.
 Keys written before it name no hash and were fingerprinted with sha256 (`FINGERPRINT_HASHES`)."""
 
 FINGERPRINT_HASHES = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
