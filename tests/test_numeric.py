@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -54,3 +55,76 @@ def test_pow2_bounds_along_any_axis_keep_every_slice_exact(dtype, shape, seed):
             for e in {lowest, highest} if lowest <= highest else ():
                 y = (x * 2.0 ** float(e)).to(dtype)
                 assert torch.equal(y.double() / 2.0 ** float(e), x), (axis, i, e)
+
+
+_TOL = {torch.bfloat16: 2e-3, torch.float16: 3e-4, torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+@pytest.mark.parametrize("dtype", list(_TOL))
+@pytest.mark.parametrize("shape", [(300, 700), (5000, 300), (5, 4099), (9999,)])
+@pytest.mark.parametrize("runs", [True, False])
+def test_square_sums_match_float64(dtype, shape, runs, monkeypatch):
+    """The sums of squares behind the report's distances (and protect's NaN/Inf check of MLP
+    weights): by norms of runs in the stored dtype (forced here on small tensors) or in float64,
+    they must match the float64 definition, per index too, and any NaN/Inf must make them
+    non-finite."""
+    from mergeshield.core import numeric
+
+    if runs:
+        monkeypatch.setattr(numeric, "SQUARES_EXACT_BELOW", 0)
+    g = torch.Generator().manual_seed(len(shape) * 7 + shape[0])
+    pre = (torch.randn(shape, generator=g, dtype=torch.float64) * 0.02).to(dtype)
+    tuned = (pre.double() + 1e-3 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    p, t = pre.double(), tuned.double()
+    want = [float((p * p).sum()), float((t * t).sum()), float(((p - t) ** 2).sum())]
+    np.testing.assert_allclose(numeric.square_sums(pre, tuned), want, rtol=_TOL[dtype])
+    for axis in range(pre.ndim):
+        per = numeric.index_square_sums(pre, axis)
+        ref = (p * p).sum(tuple(d for d in range(p.ndim) if d != axis)) if p.ndim > 1 else p * p
+        np.testing.assert_allclose(per.numpy(), ref.numpy(), rtol=10 * _TOL[dtype], atol=1e-30)
+        np.testing.assert_allclose(float(per.sum()), float(ref.sum()), rtol=_TOL[dtype])
+    for bad in (float("nan"), float("inf")):
+        broken = tuned.clone()
+        broken.view(-1)[broken.numel() // 3] = bad
+        assert not np.isfinite(sum(numeric.square_sums(pre, broken)))
+        assert not np.isfinite(sum(numeric.square_sums(broken, pre)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    shape=st.sampled_from([(7,), (5, 9), (9, 5), (3, 4, 6)]),
+    zeros=st.booleans(),
+    view=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_whole_tensor_pow2_range_is_the_intersection_of_the_per_index_ranges(dtype, shape, zeros, view, seed):
+    """`pow2_exponent_range` (read off the raw bits) must give exactly the exponents every
+    index's own range admits: the largest lower and the smallest upper bound, with zeros,
+    subnormals, an all-zero tensor and non-contiguous views."""
+    from mergeshield.core.scales import pow2_exponent_bounds, pow2_exponent_range
+
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(shape, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-30, 12, shape, generator=g))).to(dtype)
+    t.view(-1)[0] = 0
+    if zeros:
+        t.zero_()
+    if view and t.ndim > 1:
+        t = t.transpose(0, 1)
+    lo, hi = pow2_exponent_bounds(t, dtype, axis=0)
+    assert pow2_exponent_range(t, dtype) == (int(lo.max()), int(hi.min()))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8])
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_take_is_index_select(dtype, axis):
+    """The permutation gather (numpy's take on the raw bits) against torch's index_select, on
+    contiguous tensors and on a view (which falls back to index_select)."""
+    from mergeshield.core.transforms import take
+
+    g = torch.Generator().manual_seed(axis)
+    t = (torch.randn(6, 7, 8, generator=g) * 100).to(dtype)
+    for x in (t, t.transpose(0, 2)):
+        idx = torch.randperm(x.shape[axis], generator=g).numpy()
+        got = take(x, idx, axis)
+        assert got.dtype == x.dtype and torch.equal(got, x.index_select(axis, torch.from_numpy(idx)))

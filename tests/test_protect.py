@@ -444,3 +444,79 @@ def test_block_size_and_candidates_trade_objective_for_time_and_the_whole_layer_
     assert all(s < e for s, e in zip(one, exact, strict=True)), (one, exact)
     with pytest.raises(ValueError, match="candidates"):
         ProtectOptions(candidates=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_report_distances_are_the_distances_of_the_written_weights(family, fast, tmp_path, monkeypatch):
+    """Every instance's distances in the report (before, after, base norm) against the same
+    norms taken in float64 from the files protect read and wrote, for a bfloat16 model. With
+    `fast` the half-precision fast paths (sums of squares by norms of runs, scaled distances in
+    the stored dtype, the chosen costs of bfloat16 products) are forced on these small tensors."""
+    import importlib
+
+    from mergeshield.core import numeric
+
+    protect_module = importlib.import_module("mergeshield.protect")  # the package's `protect` is the function
+
+    if fast:
+        monkeypatch.setattr(numeric, "SQUARES_EXACT_BELOW", 0)
+        monkeypatch.setattr(protect_module, "SQUARES_EXACT_BELOW", 0)
+    base_model = build(family, 0)
+    save(base_model, tmp_path / "base", dtype=torch.bfloat16)
+    save(build(family, 1, finetune_of=base_model), tmp_path / "ft", dtype=torch.bfloat16)
+    report = protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(solver="block", block_size=16),
+                     progress=False)
+    ckpt = Checkpoint(tmp_path / "ft")
+    bound = protect_module.bind_checkpoint(ckpt)
+    w = {k: _weights(tmp_path / k) for k in ("ft", "base", "out")}
+    from mergeshield.core.transforms import axis_view
+
+    for r in report.instances:
+        (inst,) = [i for i in bound.instances if i.id == r.id]
+        got = {"task": 0.0, "after": 0.0, "base": 0.0}
+        for bt in inst.tensors:
+            t, p, o = (axis_view(w[k][bt.name], bt.binding).double() for k in ("ft", "base", "out"))
+            got["task"] += float(((t - p) ** 2).sum())
+            got["after"] += float(((o - p) ** 2).sum())
+            got["base"] += float((p**2).sum())
+        np.testing.assert_allclose([r.task_norm, r.dist_after, r.base_norm],
+                                   [got["task"] ** 0.5, got["after"] ** 0.5, got["base"] ** 0.5], rtol=2e-3, err_msg=r.id)
+
+
+@pytest.mark.parametrize("extreme", [None, "big", "small"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_factor_bounds_shortcut_bounds_exactly_what_the_per_index_ranges_bound(extreme, dtype, tmp_path):
+    """Half-precision scale factors are bounded per index; protect first tries whole-tensor
+    ranges, which stand only where they bound nothing: the bounded exponents must be those of
+    the per-index ranges, with values near the dtype's largest or smallest present or not."""
+    import importlib
+
+    from mergeshield.core.scales import pow2_exponent_bounds
+    from mergeshield.core.transforms import axis_view, expand_factors
+
+    protect_module = importlib.import_module("mergeshield.protect")
+    base = build("llama", 0)
+    ckpt = Checkpoint(save(base, tmp_path / "m", dtype=dtype))
+    bound = protect_module.bind_checkpoint(ckpt)
+    info = torch.finfo(dtype)
+    for k, inst in enumerate(i for i in bound.instances if i.id.startswith(("model.qk.", "model.vo."))):
+        tensors = {bt.name: ckpt.get(bt.name).clone() for bt in inst.tensors}
+        name = inst.tensors[k % len(inst.tensors)].name
+        if extreme == "big":
+            tensors[name][1] *= info.max / 2**10 / tensors[name][1].abs().max().float()
+        elif extreme == "small":
+            tensors[name][2, 3] = info.tiny * 4
+        exps = np.random.default_rng(k).integers(-4, 5, inst.size)
+        lo, hi = protect_module._factor_bounds(ckpt, inst, tensors, exps)
+        want_lo, want_hi = np.full(inst.size, -1000), np.full(inst.size, 1000)
+        for bt in inst.tensors:
+            r_lo, r_hi = pow2_exponent_bounds(axis_view(tensors[bt.name], bt.binding), dtype, axis=bt.binding.axis)
+            if bt.binding.inverse:
+                r_lo, r_hi = -r_hi, -r_lo
+            owner = expand_factors(inst, np.arange(inst.size, dtype=np.float64), bt.binding.layout).astype(np.int64)
+            np.maximum.at(want_lo, owner, r_lo)
+            np.minimum.at(want_hi, owner, r_hi)
+        assert np.all(lo >= want_lo) and np.all(hi <= want_hi), "outside the per-index ranges"
+        ok, want_ok = lo <= hi, want_lo <= want_hi
+        assert np.array_equal(np.where(ok, np.clip(exps, lo, hi), 0), np.where(want_ok, np.clip(exps, want_lo, want_hi), 0))

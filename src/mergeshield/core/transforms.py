@@ -20,6 +20,7 @@ __all__ = [
     "element_index",
     "invert_permutation",
     "axis_view",
+    "take",
 ]
 
 
@@ -83,6 +84,22 @@ def element_index(instance: SpaceInstance, binding: Binding, perm: np.ndarray) -
     return (perm[:, None] * block + np.arange(block)).reshape(-1)
 
 
+_SAME_SIZE_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def take(t: torch.Tensor, index: np.ndarray, axis: int) -> torch.Tensor:
+    """A new tensor: `t`'s slices along `axis` in the order `index` (``t.index_select``).
+
+    On the CPU numpy's ``take`` on the raw bits does it: on a Llama-2-7B down projection
+    (4096 x 11008, bfloat16, one thread) it gathered the columns in 47 ms, torch's indexing in
+    112 ms (index_select 137 ms); rows as fast as index_select, which is 2x faster than torch's
+    advanced indexing there (`benchmarks/transform_speed.py`)."""
+    if t.device.type != "cpu" or not t.is_contiguous() or t.element_size() not in _SAME_SIZE_INT:
+        return t.index_select(axis, torch.from_numpy(index).to(t.device))
+    bits = t.detach().view(_SAME_SIZE_INT[t.element_size()]).numpy()
+    return torch.from_numpy(np.take(bits, index, axis=axis)).view(t.dtype)
+
+
 def axis_view(t: torch.Tensor, binding: Binding) -> torch.Tensor:
     """The part of `t` a binding acts on (a view: its chunk along its axis)."""
     if binding.chunk is None:
@@ -115,12 +132,11 @@ def apply_transform(
     whole = binding.chunk is None  # the binding covers the tensor: build the result in one pass
     if transform.perm is not None:
         idx = element_index(instance, binding, invert_permutation(transform.perm) if inverse else transform.perm)
-        index = torch.from_numpy(idx).to(t.device)
-        if whole:  # advanced indexing: a new tensor, about 2x faster than index_select off axis 0
-            return t[(slice(None),) * binding.axis + (index,)]
+        if whole:
+            return take(t, idx, binding.axis)
         out = t.clone()
         part = axis_view(out, binding)
-        part.copy_(part.index_select(binding.axis, index))
+        part.copy_(part.index_select(binding.axis, torch.from_numpy(idx).to(t.device)))
         return out
     if transform.matrices is not None:
         out = t.clone()
