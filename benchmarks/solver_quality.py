@@ -11,8 +11,9 @@ pooled as one 9216-unit layer, a stand-in for a large real MLP (none ships with 
 
 It also times the block solver's cost product in float32 and bfloat16, and the unit features
 of a Llama-2-7B-shaped MLP (the down projection's columns are a transposed copy) with one
-transposing copy and in `TRANSPOSE_ROWS`-row blocks, and compares the block solver with float32 and bfloat16 products on bfloat16-rounded
-weights.
+transposing copy and in `TRANSPOSE_ROWS`-row blocks, and compares the block solver on bfloat16-rounded
+weights with float32 products, bfloat16 products, and bfloat16 products of bfloat16 features
+(protect's way for a bfloat16 checkpoint: the sort keys are then bfloat16 products too).
 
 With ``--smollm2``, the same for a second stand-in from a Llama-architecture model: six of
 SmolLM2-135M-Instruct's MLP layers pooled (9216 units).
@@ -76,22 +77,13 @@ def main() -> None:
     for name, pre, tuned in minilm_layers(args.noise):
         pooled.append((pre, tuned))
         _shares(name, pre, tuned)
-        # what protect does for a bfloat16 checkpoint: the same features rounded to bfloat16 (as the
-        # checkpoint would hold them), block costs multiplied in float32 vs in bfloat16
-        p16, t16 = pre.to(torch.bfloat16).float(), tuned.to(torch.bfloat16).float()
-        best16 = permutation_objective(p16, t16, farthest_permutation(p16.double(), t16.double(), "exact"))
-        for products in (torch.float32, torch.bfloat16):
-            t = time.perf_counter()
-            perm = farthest_permutation(p16, t16, "block", products=products)
-            sec = time.perf_counter() - t
-            share = permutation_objective(p16, t16, perm) / best16
-            print(f"{name:<10} {'block-' + str(products).split('.')[1]:<11} {sec:8.3f} {share:16.6f}  "
-                  "(bfloat16-rounded weights; share of their exact objective)")
+        _bfloat16_variants(name, pre, tuned)
     # no large real MLP ships with a package: as a stand-in for one, the units of all six layers
     # as one layer (their statistics differ from layer to layer, as units in a large layer do)
     pre, tuned = (torch.cat(x) for x in zip(*pooled))
     exact = _shares(f"all{pre.shape[0]}", pre, tuned, larger_blocks=True)
     _where_partners_are(pre, tuned, exact)
+    _bfloat16_variants(f"all{pre.shape[0]}", pre, tuned)
     if args.smollm2:
         # a second stand-in, from a Llama-architecture model (SwiGLU: gate and up rows, down
         # columns): every fifth of SmolLM2-135M's 30 MLP layers (1536 units each) pooled. Its
@@ -99,6 +91,22 @@ def main() -> None:
         pre, tuned = (torch.cat(x) for x in zip(*[(p, t) for _, p, t in smollm2_layers(args.noise)][::5]))
         exact = _shares(f"smol{pre.shape[0]}", pre, tuned, larger_blocks=True)
         _where_partners_are(pre, tuned, exact)
+
+
+def _bfloat16_variants(name: str, pre: torch.Tensor, tuned: torch.Tensor) -> None:
+    """What protect does for a bfloat16 checkpoint: the same features rounded to bfloat16 (as the
+    checkpoint would hold them), block costs multiplied in float32, in bfloat16, and in bfloat16
+    from bfloat16 features (protect's way: the sort keys are then bfloat16 products too)."""
+    p16, t16 = pre.to(torch.bfloat16).float(), tuned.to(torch.bfloat16).float()
+    best16 = permutation_objective(p16, t16, farthest_permutation(p16.double(), t16.double(), "exact"))
+    for label, features, products in (("block-f32", torch.float32, torch.float32),
+                                      ("block-bf16", torch.float32, torch.bfloat16),
+                                      ("block-bf16f", torch.bfloat16, torch.bfloat16)):
+        t = time.perf_counter()
+        perm = farthest_permutation(p16.to(features), t16.to(features), "block", products=products)
+        sec = time.perf_counter() - t
+        share = permutation_objective(p16, t16, perm) / best16
+        print(f"{name:<10} {label:<11} {sec:8.3f} {share:16.6f}  (bfloat16-rounded weights; share of their exact objective)")
 
 
 def minilm_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:

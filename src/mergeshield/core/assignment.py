@@ -264,7 +264,7 @@ def _sort_orders(pre: torch.Tensor, tuned: torch.Tensor) -> tuple[np.ndarray, np
     sample = pre[:: max(1, n // 2048)].contiguous()  # the direction only orders units: a sample finds it
     if not (sample.dtype == torch.bfloat16 and native_bfloat16()):
         sample = sample.float()  # one conversion (see `_keys`)
-    mean = sample.float().mean(0)
+    mean = torch.from_numpy(_keys(sample.T, torch.ones(len(sample)))) / len(sample)
     v = torch.ones(pre.shape[1]) / pre.shape[1] ** 0.5
     for _ in range(8):
         w = torch.from_numpy(_keys(sample, v)) - mean @ v
@@ -372,10 +372,11 @@ def sparse_assignment(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, n: i
 def _keys(x: torch.Tensor, v: torch.Tensor) -> np.ndarray:
     """``x @ v`` in float32 (a sort key). bfloat16 `x` multiplies `v` rounded to bfloat16 where
     the CPU does so natively (`native_bfloat16`): 20x faster than converting `x` (a Llama-2-7B
-    MLP's features: 3.5 vs 95 ms, one thread; `benchmarks/transform_speed.py`); the key is then
-    rounded to 3 significant digits, which moves a unit's place in the sort order by a few
-    places (rank correlation 0.999997 there). Other narrow dtypes are converted a few rows at
-    a time."""
+    MLP's features: 12-14 against 250-261 ms, one thread; `benchmarks/transform_speed.py`); the
+    key is then rounded to 3 significant digits, which moves units a few places in the sort
+    order (block solver's objective on MiniLM's layers: within 1e-4 of float32 keys', either
+    way; `benchmarks/solver_quality.py`). Other narrow dtypes are converted a few rows at a
+    time."""
     if x.dtype in (torch.float32, torch.float64):
         return (x.float() @ v.float()).numpy()
     if x.dtype == torch.bfloat16 and native_bfloat16():

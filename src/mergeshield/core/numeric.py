@@ -33,9 +33,10 @@ def index_square_sums(x: torch.Tensor, axis: int = 0) -> torch.Tensor:
 
     One pass with no converted copy: torch's norms (accumulated in float32) of runs of
     `SQUARES_ROW` elements, squared and added in float64. A half-precision norm comes back
-    rounded to its dtype (bfloat16: up to 2^-9 relative, at random), so a Llama-2-7B MLP
-    tensor's total was off by 5e-6 of itself, 4e-5 with runs of 4096, in 5 ms against 96 ms for
-    a float32 sum (`benchmarks/transform_speed.py`). Small tensors (`SQUARES_EXACT_BELOW`) and
+    rounded to its dtype (bfloat16: up to 2^-9 relative, at random); short runs make many of
+    them, whatever the tensor's shape, so the errors average out: a Llama-2-7B MLP tensor's
+    total was off by 9e-6 of itself, in 6-7 ms against 149-154 ms for a float32 copy and sum
+    (`benchmarks/transform_speed.py`, one thread). Small tensors (`SQUARES_EXACT_BELOW`) and
     float64 ones are summed in float64.
 
     Non-finite where the tensor holds a NaN or Inf (that run's norm is NaN or Inf), and also
@@ -68,7 +69,7 @@ def square_sums(pre: torch.Tensor, tuned: torch.Tensor) -> tuple[float, float, f
     if pre.numel() < SQUARES_EXACT_BELOW or pre.dtype == torch.float64 or pre.ndim < 2:
         return pp, tt, float(index_square_sums(pre - tuned).sum())
     # the difference a few rows at a time into one reused buffer (in cache, and no large
-    # allocation): half the time of one whole difference here
+    # allocation): about half the time of one whole difference (an ad-hoc timing)
     p2, t2 = pre.reshape(-1, pre.shape[-1]), tuned.reshape(-1, pre.shape[-1])
     step = max(1, (1 << 20) // p2.shape[1])
     buf = torch.empty(step, p2.shape[1], dtype=pre.dtype)

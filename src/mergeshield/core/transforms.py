@@ -91,9 +91,9 @@ def take(t: torch.Tensor, index: np.ndarray, axis: int) -> torch.Tensor:
     """A new tensor: `t`'s slices along `axis` in the order `index` (``t.index_select``).
 
     On the CPU numpy's ``take`` on the raw bits does it: on a Llama-2-7B down projection
-    (4096 x 11008, bfloat16, one thread) it gathered the columns in 47 ms, torch's indexing in
-    112 ms (index_select 137 ms); rows as fast as index_select, which is 2x faster than torch's
-    advanced indexing there (`benchmarks/transform_speed.py`)."""
+    (4096 x 11008, bfloat16, one thread) it gathered the columns in 47-52 ms, torch's advanced
+    indexing in 136-138 ms and index_select in 148-158 ms; the gate projection's rows in 13-14
+    ms against 39-49 ms (`benchmarks/transform_speed.py`, two runs)."""
     if t.device.type != "cpu" or not t.is_contiguous() or t.element_size() not in _SAME_SIZE_INT:
         return t.index_select(axis, torch.from_numpy(index).to(t.device))
     bits = t.detach().view(_SAME_SIZE_INT[t.element_size()]).numpy()
