@@ -234,8 +234,8 @@ def test_sparse_solver_with_every_edge_is_exact_and_fewer_edges_fall_short():
     assert permutation_objective(pre, tuned, farthest_permutation(pre, tuned, "sparse", candidates=8)) > block
 
 
-@pytest.mark.parametrize("solver", ["exact", "greedy", "block", "sparse", "random"])
-@pytest.mark.parametrize("products", [None, torch.bfloat16])
+@pytest.mark.parametrize(("solver", "products"), [("exact", None), ("greedy", None), ("random", None),
+                                                   *((s, p) for s in ("block", "sparse") for p in (None, torch.bfloat16))])
 def test_farthest_assignment_returns_the_sum_of_its_chosen_costs(solver, products):
     """protect takes the distance after from ||pre||^2 + ||tuned||^2 - 2 x the chosen costs the
     solver returns: they must be sum_i <pre_i, tuned_perm[i]> for its own permutation (to the
@@ -245,8 +245,6 @@ def test_farthest_assignment_returns_the_sum_of_its_chosen_costs(solver, product
     g = torch.Generator().manual_seed(11)
     pre = torch.randn(700, 90, generator=g, dtype=torch.float64)
     tuned = pre + 0.1 * torch.randn(700, 90, generator=g, dtype=torch.float64)
-    if products is not None and solver in ("exact", "greedy"):
-        pytest.skip("products are for block and sparse")
     pre_s, tuned_s = (pre.float(), tuned.float()) if solver in ("block", "sparse") else (pre, tuned)
     perm, chosen = farthest_assignment(pre_s, tuned_s, solver, block_size=128, candidates=8, products=products,
                                        rng=np.random.default_rng(0))
