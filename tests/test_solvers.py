@@ -116,7 +116,12 @@ def test_bfloat16_features_reach_the_float32_features_block_objective_and_distan
     (rounded to 3 digits: units move a few places in the sort order), so the permutation may
     differ from float32 features' but must reach the same objective; the distances of one
     permutation must not depend on the features' dtype."""
-    from mergeshield.core.assignment import farthest_permutation, native_bfloat16, permutation_distances, permutation_objective
+    from mergeshield.core.assignment import (
+        farthest_permutation,
+        native_bfloat16,
+        permutation_distances,
+        permutation_objective,
+    )
 
     g = torch.Generator().manual_seed(5)
     pre = torch.randn(2500, 300, generator=g).to(torch.bfloat16)

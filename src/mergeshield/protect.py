@@ -6,9 +6,10 @@ assignment that moves them farthest from the pretrained weights; attention Q/K a
 scaled per dimension by random factors and their inverses (RoPE pairs and GQA groups tied).
 
 One streaming pass over the checkpoint: tensors are written one at a time in file order, and
-a space instance (one layer's MLP or attention part) is planned when the first of its tensors
-is reached, reading only its tensors from the model and the base. Peak memory is about one
-layer's tensors and their unit features plus two output tensors in flight.
+a space instance (one layer's MLP or attention part) is planned in a background thread when the
+writer's read-ahead reaches its tensors, reading only its tensors from the model and the base.
+Peak memory is about one layer's tensors and their unit features plus two output tensors in
+flight.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
 
 import numpy as np
 import torch
@@ -330,13 +331,15 @@ def _rope_mixing_matrices(rng: np.random.Generator, inst: SpaceInstance, options
 
 
 class _Plan(Mapping[str, Transform]):
-    """The transforms to apply, by instance id in key order, each planned when first looked up.
+    """The transforms to apply, by instance id in key order, each planned in a background thread
+    when announced (`ahead`) or first looked up.
 
     protect writes the output in one pass: a space instance (one layer's MLP or attention part)
-    is planned when the writer first reaches one of its tensors, reading only that instance's
+    is planned when the writer's read-ahead reaches its tensors, reading only that instance's
     tensors from the model and the base, which the writer then reads again while they are
     still mapped. Each instance's random draw is keyed by its id, so the order does not change
-    the result. `finish` gives the transforms, reports and notes in key order."""
+    the result. `finish` gives the transforms, reports and notes in key order. Use it as a
+    context manager: leaving it waits for the plan in progress (it reads the checkpoints)."""
 
     def __init__(
         self, model: Checkpoint, base: Checkpoint, bound: BoundModel, names: dict[str, str], options: ProtectOptions
@@ -366,7 +369,7 @@ class _Plan(Mapping[str, Transform]):
         ordered = sorted(bound.instances, key=lambda i: isinstance(i.space, HeadPermutationSpace))
         self.instances = {inst.id: inst for inst in ordered if self._enabled(inst)}
         self._clamped: dict[str, int] = {}
-        """Scale factors bounded per instance (planned in several threads: no shared counter)."""
+        """Scale factors bounded, per instance."""
         self.checked: set[str] = set()
         """Model tensors planning has read and checked (dtype, NaN/Inf)."""
         self._done: dict[str, tuple[Transform, InstanceReport]] = {}
@@ -414,7 +417,7 @@ class _Plan(Mapping[str, Transform]):
         which must stay open until it ends)."""
         self._planner.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> _Plan:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

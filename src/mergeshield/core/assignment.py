@@ -146,32 +146,10 @@ def native_bfloat16() -> bool:
     return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
-def farthest_permutation(
-    pre: torch.Tensor,
-    tuned: torch.Tensor,
-    solver: str = "exact",
-    *,
-    block_size: int = 1024,
-    rng: np.random.Generator | None = None,
-    products: torch.dtype | None = None,
-    candidates: int = SPARSE_CANDIDATES,
-) -> np.ndarray:
-    """The gather index P maximising ``||pre - tuned[P]||^2``.
-
-    Args:
-        pre: ``(n, F)`` unit features of the pretrained model.
-        tuned: ``(n, F)`` unit features of the model to protect.
-        solver: one of `SOLVERS`.
-        block_size: units per block for ``block``.
-        rng: random source for ``greedy`` (row order) and ``random``.
-        products: the dtype ``block`` and ``sparse`` multiply their costs in (default float32).
-        candidates: cheapest columns per row (and rows per column) ``sparse`` keeps.
-
-    Returns:
-        int64 array ``perm`` with ``protected_unit[i] = tuned_unit[perm[i]]``.
-    """
-    return farthest_assignment(pre, tuned, solver, block_size=block_size, rng=rng, products=products,
-                               candidates=candidates)[0]
+def farthest_permutation(pre: torch.Tensor, tuned: torch.Tensor, solver: str = "exact", **options: object) -> np.ndarray:
+    """The gather index P maximising ``||pre - tuned[P]||^2``: `farthest_assignment` without
+    the chosen costs (same arguments)."""
+    return farthest_assignment(pre, tuned, solver, **options)[0]  # type: ignore[arg-type]
 
 
 def farthest_assignment(
@@ -184,11 +162,27 @@ def farthest_assignment(
     products: torch.dtype | None = None,
     candidates: int = SPARSE_CANDIDATES,
 ) -> tuple[np.ndarray, float | None]:
-    """`farthest_permutation` and, where the solver multiplied it anyway, the sum of the
-    chosen costs ``sum_i <pre_i, tuned_perm[i]>`` (None for ``random``): with the two squared
-    norms it gives the distance after (`permutation_distances`) without another pass over
-    the features. Block and sparse costs are products in `products`: in bfloat16 each is
-    rounded to 3 significant digits (the sum's error shrinks with the number of units)."""
+    """The gather index P maximising ``||pre - tuned[P]||^2`` and, where the solver multiplied
+    them anyway, the sum of the chosen costs ``sum_i <pre_i, tuned_perm[i]>``.
+
+    With the two squared norms the chosen costs give the distance after (``||pre||^2 +
+    ||tuned||^2 - 2 x chosen``) without another pass over the features. Block and sparse costs
+    are products in `products`: in bfloat16 each is rounded to 3 significant digits (the sum's
+    error shrinks with the number of units).
+
+    Args:
+        pre: ``(n, F)`` unit features of the pretrained model.
+        tuned: ``(n, F)`` unit features of the model to protect.
+        solver: one of `SOLVERS`.
+        block_size: units per block for ``block``.
+        rng: random source for ``greedy`` (row order) and ``random``.
+        products: the dtype ``block`` and ``sparse`` multiply their costs in (default float32).
+        candidates: cheapest columns per row (and rows per column) ``sparse`` keeps.
+
+    Returns:
+        ``(perm, chosen)``: int64 ``perm`` with ``protected_unit[i] = tuned_unit[perm[i]]``;
+        ``chosen`` None for ``random`` (no costs multiplied).
+    """
     n = pre.shape[0]
     solver = choose_solver(solver, n)
     if solver == "random":
