@@ -148,8 +148,10 @@ def _features_reference(tensors, n_units, dtype):
 def test_unit_features_copy_columns_in_blocks_exactly(dtype):
     """Column bindings (down projections, Conv1D) are transposed a few rows at a time: every
     layout (row counts not a multiple of the block, chunks, heads of unequal sizes under GQA,
-    non-contiguous inputs, biases) must give the plain definition's features."""
-    from mergeshield.core.assignment import TRANSPOSE_ROWS, unit_features
+    non-contiguous inputs, biases) must give the plain definition's features; and so must the
+    block solver's `UnitParts`, whose features are gathered from the tensors a block at a time
+    (their sort keys add up per tensor: equal up to the rounding of bfloat16 keys)."""
+    from mergeshield.core.assignment import TRANSPOSE_ROWS, UnitParts, _keys, unit_features
     from mergeshield.symmetry.spec import Binding
 
     g = torch.Generator().manual_seed(0)
@@ -172,6 +174,14 @@ def test_unit_features_copy_columns_in_blocks_exactly(dtype):
         got = unit_features(tensors, n_units, dtype)
         want = _features_reference(tensors, n_units, dtype)
         assert got.dtype == dtype and got.shape == want.shape and torch.equal(got, want), n_units
+        # the block solver's parts (no concatenation): whole features of any units, row slices, keys
+        parts = UnitParts(tensors, n_units, dtype)
+        assert parts.shape == want.shape and parts.dtype == dtype
+        idx = torch.randperm(want.shape[0], generator=g)[: max(1, want.shape[0] // 2)]
+        assert torch.equal(parts.index_select(0, idx), want.index_select(0, idx)), n_units
+        assert torch.equal(parts[1::3], want[1::3])
+        v = torch.randn(want.shape[1], generator=g)
+        np.testing.assert_allclose(_keys(parts, v), _keys(want, v), rtol=0.05, atol=0.05 * float(_keys(want, v).std()))
 
 
 @settings(max_examples=40, deadline=None)

@@ -37,6 +37,7 @@ from mergeshield.core.numeric import SQUARES_EXACT_BELOW, all_finite, runs_squar
 from mergeshield.core.assignment import (
     GramAccumulator,
     SPARSE_CANDIDATES,
+    UnitParts,
     choose_solver,
     farthest_assignment,
     farthest_from_gram,
@@ -486,8 +487,10 @@ class _Plan(Mapping[str, Transform]):
         stored = {t.dtype for t in (*tuned.values(), *pre.values())}
         products = torch.bfloat16 if stored == {torch.bfloat16} and native_bfloat16() else None
         ftype = ((products or torch.float32) if solver in ("block", "sparse", "random") else torch.float64)
-        f_pre = unit_features([(pre[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
-        f_tuned = unit_features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
+        # the block solver gathers a block's features straight from the tensors (`UnitParts`)
+        features = UnitParts if solver == "block" else unit_features
+        f_pre = features([(pre[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
+        f_tuned = features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
         del tuned, pre
         perm, chosen = farthest_assignment(f_pre, f_tuned, solver, rng=_instance_rng(self.options.seed, inst.id),
                                            products=products, block_size=self.options.block_size,

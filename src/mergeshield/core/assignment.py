@@ -22,6 +22,7 @@ from mergeshield.symmetry.spec import Binding
 
 __all__ = [
     "unit_features",
+    "UnitParts",
     "farthest_permutation",
     "farthest_assignment",
     "closest_permutation",
@@ -92,6 +93,46 @@ def unit_features(
             out[:, at : at + width].copy_(v.movedim(axis, 0).reshape(n, -1))
         at += width
     return out
+
+
+class UnitParts:
+    """`unit_features` without the concatenation, for the block solver: each bound tensor's part
+    of every unit's features, kept where it lies when units are its rows (a view when the dtype
+    matches: no copy) and transposed once when units are its columns. The block solver needs a
+    few units' whole features at a time (`index_select`), gathered straight from the parts into
+    one buffer, so a bfloat16 gate and up projection are read once for the features instead of
+    copied and read again. Supports what `_sort_orders` and `_block` use: ``shape``, ``dtype``,
+    ``index_select(0, index)``, row slices, and `_keys`."""
+
+    def __init__(self, tensors: Sequence[tuple[torch.Tensor, Binding]], n_units: int | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        from mergeshield.core.transforms import axis_view
+
+        self.parts: list[torch.Tensor] = []
+        n = n_units or axis_view(*tensors[0]).shape[tensors[0][1].axis]
+        for t, binding in tensors:
+            v = axis_view(t, binding)
+            if v.ndim == 2 and binding.axis == 1:
+                self.parts.append(unit_features([(t, binding)], n_units, dtype))
+            else:
+                self.parts.append(v.movedim(binding.axis, 0).reshape(n, -1).to(dtype).contiguous())
+        self.dtype = dtype
+        self.shape = torch.Size((n, sum(p.shape[1] for p in self.parts)))
+
+    def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
+        """These units' whole features, ``(len(index), F)``."""
+        from mergeshield.core.transforms import take
+
+        assert dim == 0
+        out = torch.empty(len(index), self.shape[1], dtype=self.dtype)
+        at = 0
+        for part in self.parts:
+            take(part, index.numpy(), 0, out=out[:, at : at + part.shape[1]])
+            at += part.shape[1]
+        return out
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return torch.cat([p[rows] for p in self.parts], dim=1)
 
 
 TRANSPOSE_ROWS = 64
@@ -371,6 +412,9 @@ def _keys(x: torch.Tensor, v: torch.Tensor) -> np.ndarray:
     order (block solver's objective on MiniLM's layers: within 1e-4 of float32 keys', either
     way; `benchmarks/solver_quality.py`). Other narrow dtypes are converted a few rows at a
     time."""
+    if isinstance(x, UnitParts):
+        bounds = np.cumsum([0] + [p.shape[1] for p in x.parts])
+        return sum(_keys(p, v[a:b]) for p, a, b in zip(x.parts, bounds, bounds[1:]))  # type: ignore[return-value]
     if x.dtype in (torch.float32, torch.float64):
         return (x.float() @ v.float()).numpy()
     if x.dtype == torch.bfloat16 and native_bfloat16():
