@@ -284,6 +284,20 @@ def test_unprotect_with_a_key_for_another_model_is_refused(tiny_pair, tmp_path):
     with pytest.raises(KeyMismatchError, match="other sizes"):
         unprotect(tmp_path / "p1", tmp_path / "k4", tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()
+    # a damaged key of the right sizes (which would restore wrong weights): refused, nothing written
+    with safe_open(tmp_path / "k1", framework="pt") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys()}
+    scale = next(n for n in tensors if n.startswith("scale::"))
+    for damage, match in (("perm", "not a permutation"), ("zero", "zero scale factor"), ("nan", "NaN or Inf")):
+        bad = {n: t.clone() for n, t in tensors.items()}
+        if damage == "perm":
+            bad[name][1] = bad[name][0]
+        else:
+            bad[scale][0] = 0.0 if damage == "zero" else float("nan")
+        save_file(bad, str(tmp_path / "k5"), metadata=meta)
+        with pytest.raises(KeyMismatchError, match=match):
+            unprotect(tmp_path / "p1", tmp_path / "k5", tmp_path / "r", progress=False)
+        assert not (tmp_path / "r").exists()
 
 
 def test_bad_options_are_refused():

@@ -117,7 +117,7 @@ class ProtectOptions(BaseModel):
     solver: Literal["auto", "exact", "sparse", "block", "greedy", "random"] = "auto"
     """MLP assignment solver (see `mergeshield.core.assignment.SOLVERS`): ``auto`` is exact up to
     4096 units per layer and block-exact (blocks of `block_size`) above; ``sparse`` (`candidates`)
-    comes nearer the exact objective at about twice the protect time of ``block`` at 7B."""
+    comes nearer the exact objective at 2.2-2.4 times the protect time of ``block`` at 7B (two bench runs)."""
     block_size: int = Field(1024, ge=2)
     """Units per block of the block solver. Larger blocks reach more of the exact objective and
     cost more: on a 9216-unit stand-in for a large real layer, 1024 reached 0.956 of it, 2048
@@ -828,7 +828,31 @@ def _read_key(path: Path) -> tuple[list[Transform], dict[str, object]]:
                     out.append(Transform(iid, factors=f.get_tensor(f"scale::{iid}").numpy()))
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
         raise KeyMismatchError(f"{path}: cannot be read as a mergeshield key file ({exc}).") from None
+    for t in out:  # a damaged key would restore wrong weights with no error: refuse it here
+        what = _damage(t)
+        if what:
+            raise KeyMismatchError(
+                f"{path}: the key is damaged: its transform for {t.instance_id!r} {what}. Use an intact "
+                "copy of the key written when the model was protected."
+            )
     return out, meta
+
+
+def _damage(t: Transform) -> str:
+    """What is wrong with a transform read from a key ('' if nothing)."""
+    if t.perm is not None:
+        if not np.array_equal(np.sort(t.perm), np.arange(len(t.perm))):
+            return f"is not a permutation of 0..{len(t.perm) - 1}"
+        return ""
+    values = t.factors if t.factors is not None else t.matrices
+    assert values is not None
+    if not np.all(np.isfinite(values)):
+        return "holds NaN or Inf values"
+    if t.factors is not None and np.any(t.factors == 0):
+        return "holds a zero scale factor"
+    if t.matrices is not None and np.any(np.abs(np.linalg.det(t.matrices)) < 1e-300):
+        return "holds a singular mixing matrix"
+    return ""
 
 
 # ---- public API -----------------------------------------------------------------------------
