@@ -104,3 +104,22 @@ def test_prefetch_ranges_are_the_tensors_bytes(tmp_path):
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{oops")
     assert ckpt._offsets(broken) == {}
+
+
+def test_reading_while_another_thread_releases_the_handles(tiny_pair):
+    """protect's planner thread reads tensors while the main thread unmaps the inputs
+    (`Checkpoint.release` clears the open handles): a clear that lands between opening a file and
+    using its handle must not make the read fail (it once could: the handle was looked up again)."""
+    from mergeshield.io.checkpoint import Checkpoint
+
+    _, ft, _ = tiny_pair("llama")
+    ckpt = Checkpoint(ft)
+
+    class ClearedRightAfter(dict):
+        def __setitem__(self, key, value):
+            super().__setitem__(key, value)
+            self.clear()  # another thread's release, right after the handle was stored
+
+    ckpt._handles = ClearedRightAfter()
+    for name in ckpt.names:
+        assert ckpt.get(name).shape == ckpt.shape(name)

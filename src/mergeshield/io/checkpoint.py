@@ -438,8 +438,9 @@ class Checkpoint:
             ) from None
 
     def _load_bin(self, path: Path) -> dict[str, torch.Tensor]:
-        if self._bin_cache is not None and self._bin_cache[0] == path:
-            return self._bin_cache[1]
+        cache = self._bin_cache  # once, into a local: another thread may replace it (see `_handle`)
+        if cache is not None and cache[0] == path:
+            return cache[1]
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as exc:
@@ -480,15 +481,19 @@ class Checkpoint:
                     self._meta[name] = (tuple(t.shape), t.dtype)
 
     def _handle(self, path: Path) -> Any:
-        if path not in self._handles:
+        # one lookup, into a local: protect's planner thread reads while the main thread may
+        # `release` (clear) the handles; a handle stays open while it is referenced
+        handle = self._handles.get(path)
+        if handle is None:
             try:
-                self._handles[path] = safe_open(path, framework="pt")
+                handle = safe_open(path, framework="pt")
             except Exception as exc:  # noqa: BLE001 - see _safetensors_names
                 raise CheckpointError(
                     f"{path}: cannot be opened as safetensors ({exc}); the file is corrupt or changed "
                     "while mergeshield was reading it."
                 ) from None
-        return self._handles[path]
+            self._handles[path] = handle
+        return handle
 
     # ---- tensors --------------------------------------------------------------------------
     @property
