@@ -28,7 +28,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from solver_quality import minilm_layers  # this folder is on sys.path when run as a script
 
-from mergeshield.core.assignment import unit_features
+from mergeshield.core.assignment import sparse_cost_matrix, unit_features
 from mergeshield.io.checkpoint import Checkpoint
 from mergeshield.protect import bind_checkpoint
 
@@ -96,8 +96,7 @@ def _sparse_table(graphs: list[tuple[str, tuple[np.ndarray, np.ndarray, np.ndarr
 
     print(f"\n{'sparse graph':<36}{'edges/row':>10}{'lapx lapmod':>16}{'scipy LAPJVsp':>16}")
     for name, (rows, cols, cost, n) in graphs:
-        m = csr_matrix((cost - cost.min() + 1.0, (rows, cols)), shape=(n, n))
-        m.sort_indices()
+        m = sparse_cost_matrix(rows, cols, cost, n)  # as sparse_assignment builds it
         row, best = [], None
         for solve in (lapmod, scipy_sparse):
             t = time.perf_counter()

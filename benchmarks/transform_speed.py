@@ -4,7 +4,7 @@ planner is one thread; torch's own threads come on top).
 
 - permutation gathers (`take`: numpy's take on the raw bits) vs torch's advanced indexing and
   index_select, for rows (gate/up projections) and columns (the down projection);
-- sums of squares by norms of runs (`index_square_sums`, `square_sums`) vs a float32 sum, with
+- sums of squares by norms of runs (`runs_square_sum`, `square_sums`) vs a float32 sum, with
   their relative error against float64;
 - the bfloat16 sort key (`_keys`) vs converting the features to float32;
 - the whole-tensor power-of-two range (`pow2_exponent_range`) vs the per-index ranges;
@@ -27,7 +27,7 @@ import torch
 
 import mergeshield  # noqa: F401  (huge pages for torch's allocations, as in protect)
 from mergeshield.core.assignment import _keys
-from mergeshield.core.numeric import index_square_sums, square_sums
+from mergeshield.core.numeric import runs_square_sum, square_sums
 from mergeshield.core.scales import pow2_exponent_bounds, pow2_exponent_range
 from mergeshield.core.transforms import take
 from mergeshield.symmetry.spec import Binding
@@ -86,9 +86,9 @@ def main() -> None:
         best(lambda: gate.index_select(0, perm)), "index_select")
 
     ref = float((gate.double() ** 2).sum())
-    err = abs(float(index_square_sums(gate).sum()) - ref) / ref
+    err = abs(runs_square_sum(gate) - ref) / ref
     err4096 = abs(float((torch.linalg.vector_norm(gate, dim=1).double() ** 2).sum()) - ref) / ref
-    row("sum of squares 11008x4096 (runs of 256)", best(lambda: index_square_sums(gate)),
+    row("sum of squares 11008x4096 (runs of 256)", best(lambda: runs_square_sum(gate)),
         best(lambda: gate.float().pow(2).sum()), "float32 copy and sum", rel_error=err, rel_error_runs_4096=err4096)
     p, t = gate.double(), tuned.double()
     want = [float((p * p).sum()), float((t * t).sum()), float(((p - t) ** 2).sum())]

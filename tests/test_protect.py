@@ -520,3 +520,36 @@ def test_factor_bounds_shortcut_bounds_exactly_what_the_per_index_ranges_bound(e
         assert np.all(lo >= want_lo) and np.all(hi <= want_hi), "outside the per-index ranges"
         ok, want_ok = lo <= hi, want_lo <= want_hi
         assert np.array_equal(np.where(ok, np.clip(exps, lo, hi), 0), np.where(want_ok, np.clip(exps, want_lo, want_hi), 0))
+
+
+def test_half_precision_norms_that_overflow_are_not_taken_for_nan(tmp_path, monkeypatch):
+    """float16 MLP weights near the dtype's maximum: the norms of their runs overflow to Inf
+    though every value is finite. protect must tell that from a NaN/Inf weight (no error), and
+    report that layer's distances in float64."""
+    import importlib
+
+    from mergeshield.core import numeric
+    from mergeshield.core.transforms import axis_view
+
+    protect_module = importlib.import_module("mergeshield.protect")
+    monkeypatch.setattr(numeric, "SQUARES_EXACT_BELOW", 0)  # the runs path on tiny tensors
+    base_model = build("llama", 0)
+    ft_model = build("llama", 1, finetune_of=base_model)
+    with torch.no_grad():
+        for m in (base_model, ft_model):
+            w = m.model.layers[0].mlp.up_proj.weight
+            w.mul_(30000 / w.abs().max())
+    save(base_model, tmp_path / "base", dtype=torch.float16)
+    save(ft_model, tmp_path / "ft", dtype=torch.float16)
+    up = Checkpoint(tmp_path / "ft").get("model.layers.0.mlp.up_proj.weight")
+    assert torch.isfinite(up).all() and not np.isfinite(numeric.runs_square_sum(up))  # the case at hand
+    report = protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+    (r,) = [r for r in report.instances if r.id == "model.mlp.0"]
+    ckpt = Checkpoint(tmp_path / "ft")
+    (inst,) = [i for i in protect_module.bind_checkpoint(ckpt).instances if i.id == r.id]
+    w = {k: _weights(tmp_path / k) for k in ("ft", "base", "out")}
+    got = [0.0, 0.0, 0.0]
+    for bt in inst.tensors:
+        t, p, o = (axis_view(w[k][bt.name], bt.binding).double() for k in ("ft", "base", "out"))
+        got = [got[0] + float(((t - p) ** 2).sum()), got[1] + float(((o - p) ** 2).sum()), got[2] + float((p**2).sum())]
+    np.testing.assert_allclose([r.task_norm, r.dist_after, r.base_norm], np.sqrt(got), rtol=1e-4)

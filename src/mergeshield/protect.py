@@ -227,9 +227,12 @@ def _exact_in(dtype: torch.dtype, transform: Transform) -> bool:
     product in range). Mixing matrices and other factors round: they need the wider dtype."""
     if transform.perm is not None or dtype in (torch.float32, torch.float64):
         return True
-    if transform.factors is None:
-        return False
-    f = transform.factors
+    return transform.factors is not None and _powers_of_two_in(dtype, transform.factors)
+
+
+def _powers_of_two_in(dtype: torch.dtype, f: np.ndarray) -> bool:
+    """Whether every factor is a power of two that `dtype` holds, with a finite inverse there:
+    multiplying or dividing by it is then exact (barring overflow and subnormals)."""
     mantissa, _ = np.frexp(f)
     stored = torch.from_numpy(f).to(dtype).double().numpy()
     return bool(np.all(mantissa == 0.5) and np.array_equal(stored, f) and np.all(np.isfinite(1.0 / stored)))
@@ -376,7 +379,8 @@ class _Plan(Mapping[str, Transform]):
         self._done: dict[str, tuple[Transform, InstanceReport]] = {}
         # Every instance is planned in this one thread, in the order asked (`ahead`, then
         # lookups), so planning the next layers overlaps with writing this one. (Two planner
-        # threads took 34.0 s instead of 36.7 s at 7B, for 3.45 instead of 2.11 GiB peak RSS.)
+        # threads: 3.2-3.45 instead of 1.8-2.2 GiB peak RSS at 7B, and no steady gain in time:
+        # README, "Planning ahead".)
         self._planner = ThreadPoolExecutor(1, "mergeshield-planner")
         self._futures: dict[str, Future[tuple[Transform, InstanceReport]]] = {}
 
@@ -474,8 +478,9 @@ class _Plan(Mapping[str, Transform]):
                 _checked(pre[bt.name], self.names[bt.name], base_at)
             base2 = tuned2 = task2 = 0.0  # finite values whose half-precision norms overflowed
             for bt in inst.tensors:
-                p, t = axis_view(pre[bt.name], bt.binding).double(), axis_view(tuned[bt.name], bt.binding).double()
-                base2, tuned2, task2 = base2 + float((p * p).sum()), tuned2 + float((t * t).sum()), task2 + float(((p - t) ** 2).sum())
+                p2, t2, d2 = square_sums(axis_view(pre[bt.name], bt.binding), axis_view(tuned[bt.name], bt.binding),
+                                         exact=True)
+                base2, tuned2, task2 = base2 + p2, tuned2 + t2, task2 + d2
         # a tensor is checked whole only if the instance binds all of it
         self.checked.update(bt.name for bt in inst.tensors if bt.binding.chunk is None)
         units = inst.size if isinstance(space, HeadPermutationSpace) else None
@@ -554,11 +559,9 @@ def _scaled_distances(t: torch.Tensor, p: torch.Tensor, binding: Binding, f: np.
     An index whose factor is 1 takes its distance from the differences themselves (no
     cancellation)."""
     fr = 1.0 / f if binding.inverse else f
-    if t.ndim == 2 and t.dtype in HALF_DTYPES and t.numel() >= SQUARES_EXACT_BELOW:
-        factor = torch.from_numpy(fr).to(t.dtype)
-        if np.array_equal(factor.double().numpy(), fr) and np.all(np.frexp(fr)[0] == 0.5):
-            # powers of two: exact products in the stored dtype
-            return _scaled_distances_half(t, p, factor.reshape(-1, 1) if binding.axis == 0 else factor.reshape(1, -1))
+    if t.ndim == 2 and t.dtype in HALF_DTYPES and t.numel() >= SQUARES_EXACT_BELOW and _powers_of_two_in(t.dtype, fr):
+        factor = torch.from_numpy(fr).to(t.dtype)  # exact products in the stored dtype
+        return _scaled_distances_half(t, p, factor.reshape(-1, 1) if binding.axis == 0 else factor.reshape(1, -1))
     axis = binding.axis if t.ndim > 1 else 0
     n = t.shape[axis]
     if axis == t.ndim - 1 and t.ndim > 1:  # units along the last axis (columns): sum over rows

@@ -36,6 +36,7 @@ __all__ = [
     "native_bfloat16",
     "block_assignment",
     "sparse_assignment",
+    "sparse_cost_matrix",
     "SPARSE_CANDIDATES",
 ]
 
@@ -296,9 +297,11 @@ def _sort_orders(pre: torch.Tensor, tuned: torch.Tensor) -> tuple[np.ndarray, np
     n = pre.shape[0]
     # the leading principal direction of the base units (a few power iterations suffice for
     # sorting), without materialising the centred matrix: (X - 1m^T)^T w = X^T w - m sum(w)
-    sample = pre[:: max(1, n // 2048)].contiguous()  # the direction only orders units: a sample finds it
-    if not (sample.dtype == torch.bfloat16 and native_bfloat16()):
-        sample = sample.float()  # one conversion (see `_keys`)
+    sample = pre[:: max(1, n // 2048)]  # the direction only orders units: a sample finds it
+    # one contiguous copy (a strided sample multiplies slowly), in float32 unless `_keys`
+    # multiplies bfloat16 natively
+    native = sample.dtype == torch.bfloat16 and native_bfloat16()
+    sample = sample.contiguous() if native else sample.float().contiguous()
     mean = torch.from_numpy(_keys(sample.T, torch.ones(len(sample)))) / len(sample)
     v = torch.ones(pre.shape[1]) / pre.shape[1] ** 0.5
     for _ in range(8):
@@ -375,6 +378,16 @@ def _sparse(pre: torch.Tensor, tuned: torch.Tensor, k: int, products: torch.dtyp
     return perm, float(cost_e[chosen].sum())
 
 
+def sparse_cost_matrix(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, n: int):  # -> scipy csr_matrix
+    """The edges as an ``n x n`` CSR matrix with sorted indices, costs shifted to >= 1 (scipy
+    drops explicit zeros; lapmod has no sign constraint; the optimum is the same)."""
+    from scipy.sparse import csr_matrix
+
+    m = csr_matrix((cost - cost.min() + 1.0, (rows, cols)), shape=(n, n))
+    m.sort_indices()
+    return m
+
+
 def sparse_assignment(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, n: int) -> np.ndarray:
     """The gather index ``perm`` minimising ``sum_i cost(i, perm[i])`` using only the given edges
     (row ``rows[e]`` may take column ``cols[e]`` at ``cost[e]``; each pair at most once, some
@@ -384,11 +397,7 @@ def sparse_assignment(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, n: i
     9-26% less time than scipy's ``min_weight_full_bipartite_matching`` for the same optimum
     (`benchmarks/lap_solvers.py`). An answer that is not a permutation along given edges (lapmod
     has no feasibility check) falls back to scipy, which raises ValueError on an infeasible graph."""
-    from scipy.sparse import csr_matrix
-
-    # costs shifted to >= 1: scipy drops explicit zeros (lapmod has no sign constraint)
-    m = csr_matrix((cost - cost.min() + 1.0, (rows, cols)), shape=(n, n))
-    m.sort_indices()
+    m = sparse_cost_matrix(rows, cols, cost, n)
     perm = None
     if hasattr(lap, "lapmod"):
         x = lap.lapmod(n, m.data, m.indptr.astype(np.int32), m.indices.astype(np.int32), return_cost=False)[0]
@@ -409,8 +418,8 @@ def _keys(x: torch.Tensor, v: torch.Tensor) -> np.ndarray:
     the CPU does so natively (`native_bfloat16`): 20x faster than converting `x` (a Llama-2-7B
     MLP's features: 12-14 against 250-261 ms, one thread; `benchmarks/transform_speed.py`); the
     key is then rounded to 3 significant digits, which moves units a few places in the sort
-    order (block solver's objective on MiniLM's layers: within 1e-4 of float32 keys', either
-    way; `benchmarks/solver_quality.py`). Other narrow dtypes are converted a few rows at a
+    order (block solver's objective on MiniLM's layers and their 9216-unit pool: -9e-5 to
+    +1.1e-4 from float32 keys'; `benchmarks/solver_quality.py`). Other narrow dtypes are converted a few rows at a
     time."""
     if isinstance(x, UnitParts):
         bounds = np.cumsum([0] + [p.shape[1] for p in x.parts])

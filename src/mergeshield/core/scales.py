@@ -7,6 +7,8 @@ from typing import Literal
 import numpy as np
 import torch
 
+from mergeshield.core.numeric import SAME_SIZE_INT
+
 __all__ = ["sample_factors", "pow2_exponent_bounds", "pow2_exponent_range", "ScaleLaw"]
 
 ScaleLaw = Literal["uniform", "loguniform", "beta"]
@@ -57,9 +59,6 @@ def pow2_exponent_bounds(
     return _bounds(big, small, dtype, headroom_bits)
 
 
-_MAGNITUDE = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}
-
-
 def pow2_exponent_range(t: torch.Tensor, dtype: torch.dtype, headroom_bits: int = 8) -> tuple[int, int]:
     """`pow2_exponent_bounds` for the whole tensor at once: exponents safe for every element
     (so for every index; narrower than an index's own range). From the largest magnitude and the
@@ -69,8 +68,8 @@ def pow2_exponent_range(t: torch.Tensor, dtype: torch.dtype, headroom_bits: int 
     t = t.to(dtype)
     low, high = torch.aminmax(t)
     big = max(abs(float(low)), abs(float(high)))
-    if t.element_size() in _MAGNITUDE and t.is_contiguous():
-        int_type, mask = _MAGNITUDE[t.element_size()]
+    if t.element_size() in SAME_SIZE_INT and t.is_contiguous():
+        int_type, mask = SAME_SIZE_INT[t.element_size()], (1 << (8 * t.element_size() - 1)) - 1
         m = t.view(int_type).bitwise_and(mask)  # |x|'s bits, ordered as |x| (finite values)
         m.sub_(1).bitwise_and_(mask)  # zero wraps to the largest value: the min skips it
         least = int(m.amin()) + 1  # all zero: mask + 1
