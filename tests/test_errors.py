@@ -307,6 +307,25 @@ def test_bad_options_are_refused():
         ProtectOptions(scale_law="gaussian")
     with pytest.raises(ValueError):
         ProtectOptions(seed=1, colour="red")
+    for device in ("gpu", "cuda:x", "mps", ""):
+        with pytest.raises(ValueError, match="use cpu, cuda or cuda:N"):
+            ProtectOptions(device=device)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="this machine has the GPUs asked for")
+def test_missing_gpu_is_refused_and_leaves_nothing(tiny_pair, tmp_path):
+    """--device cuda without a GPU this torch can use: DeviceError naming what torch sees, before
+    anything is written; the CLI says it in one message with exit code 2."""
+    from mergeshield.errors import DeviceError
+
+    base, ft, _ = tiny_pair("llama")
+    device = "cuda" if not torch.cuda.is_available() else "cuda:1"
+    with pytest.raises(DeviceError, match=r"sees \d CUDA device\(s\)"):
+        protect(ft, base, tmp_path / "p", ProtectOptions(device=device), progress=False)
+    assert not (tmp_path / "p").exists()
+    res = _cli("protect", str(ft), "--base", str(base), "--out", str(tmp_path / "p"), "--device", device, "--quiet")
+    assert res.returncode == 2 and "error: device" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "p").exists()
 
 
 # ---- the CLI: message, exit code 2, no traceback -------------------------------------------------

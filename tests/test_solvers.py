@@ -270,3 +270,35 @@ def test_farthest_assignment_returns_the_sum_of_its_chosen_costs(solver, product
     scale = float((pre * pre).sum())  # what the distance after is made of
     tol = 1e-3 if products else 1e-6 if solver in ("block", "sparse") else 1e-9  # bfloat16, float32, float64
     assert abs(chosen - want) <= tol * scale, (chosen, want)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("solver", "products"), [("exact", None), ("block", None), ("sparse", None),
+                                                   ("block", torch.bfloat16), ("sparse", torch.bfloat16)])
+def test_costs_multiplied_on_a_device_give_the_cpu_objective(device, solver, products):
+    """``device`` moves only the cost products: the permutation's objective (and its chosen
+    costs) match the CPU's. On the CPU this runs the device plumbing (inputs stay on the CPU,
+    results come back as numpy); where torch sees a GPU, the GPU's products (whose rounding may
+    pick another permutation of the same objective)."""
+    from mergeshield.core.assignment import farthest_assignment
+
+    g = torch.Generator().manual_seed(12)
+    pre = torch.randn(600, 80, generator=g, dtype=torch.float64)
+    tuned = pre + 0.1 * torch.randn(600, 80, generator=g, dtype=torch.float64)
+    if solver != "exact":
+        pre, tuned = pre.float(), tuned.float()
+    kw = dict(block_size=128, candidates=8, products=products)
+    ref_perm, ref_chosen = farthest_assignment(pre, tuned, solver, **kw)
+    perm, chosen = farthest_assignment(pre, tuned, solver, device=device, **kw)
+    assert isinstance(perm, np.ndarray) and sorted(perm) == list(range(600))
+    tol = 1e-3 if products else 1e-6  # bfloat16 products round to 3 digits
+    scale = float((pre.double() ** 2).sum())
+    assert abs(chosen - ref_chosen) <= tol * scale
+    got, want = (permutation_objective(pre.double(), tuned.double(), p) for p in (perm, ref_perm))
+    assert abs(got - want) <= tol * want
+    if device == "cpu":
+        assert np.array_equal(perm, ref_perm)
+

@@ -20,6 +20,7 @@ if "torch" not in _sys.modules:
 from mergeshield.errors import (
     BaseMismatchError,
     CheckpointError,
+    DeviceError,
     KeyMismatchError,
     MergeShieldError,
     NumericError,
@@ -58,4 +59,5 @@ __all__ = [
     "OutputPathError",
     "KeyMismatchError",
     "NumericError",
+    "DeviceError",
 ]

@@ -15,6 +15,7 @@ __all__ = [
     "OutputPathError",
     "KeyMismatchError",
     "NumericError",
+    "DeviceError",
 ]
 
 
@@ -48,3 +49,7 @@ class KeyMismatchError(MergeShieldError):
 
 class NumericError(MergeShieldError):
     """Non-finite weights, or a transform that the dtype cannot represent."""
+
+
+class DeviceError(MergeShieldError):
+    """The requested compute device (a GPU) is not available to this torch."""

@@ -30,7 +30,7 @@ from typing import Literal, Self
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
 from mergeshield.core.numeric import SQUARES_EXACT_BELOW, all_finite, runs_square_sum, square_sums
@@ -47,7 +47,7 @@ from mergeshield.core.assignment import (
 )
 from mergeshield.core.scales import ScaleLaw, pow2_exponent_bounds, pow2_exponent_range, sample_factors
 from mergeshield.core.transforms import Transform, apply_transform, axis_view, expand_factors
-from mergeshield.errors import BaseMismatchError, KeyMismatchError, NumericError, OutputPathError, SpecError
+from mergeshield.errors import BaseMismatchError, DeviceError, KeyMismatchError, NumericError, OutputPathError, SpecError
 from mergeshield.io.checkpoint import (
     Checkpoint,
     atomic_output_dir,
@@ -125,10 +125,27 @@ class ProtectOptions(BaseModel):
     candidates: int = Field(SPARSE_CANDIDATES, ge=1)
     """Cheapest columns per row (and rows per column) the sparse solver keeps: more reach more of
     the exact objective, at more time (measured in `mergeshield.core.assignment.SPARSE_CANDIDATES`)."""
+    device: str = "cpu"
+    """Where the MLP assignment's costs are multiplied: ``cpu``, or ``cuda`` / ``cuda:N`` for an
+    NVIDIA GPU (the sparse solver's whole cost matrix is the product a GPU takes; the
+    assignments themselves are solved on the CPU). Not yet run on a GPU by this project (none
+    was lent): the path is the CPU's torch code on another device, tested on the CPU only. A
+    GPU's products round differently, so its permutation for a seed may differ from the CPU's."""
     prune_rate: float = Field(0.0, ge=0.0, lt=1.0)
     """PaRaMS' dropout-based pruning against adaptive attackers: zero this fraction of the
     entries of every transformed tensor (random, seeded per tensor) before rearranging, without
     rescaling. Unlike the other transforms this CHANGES the function: measure its cost."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            kind = torch.device(value).type
+        except (RuntimeError, ValueError):
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            raise ValueError(f"device {value!r}: use cpu, cuda or cuda:N")
+        return value
 
     @model_validator(mode="after")
     def _range(self) -> ProtectOptions:
@@ -350,6 +367,7 @@ class _Plan(Mapping[str, Transform]):
     ) -> None:
         self.model, self.base, self.bound, self.names, self.options = model, base, bound, names, options
         self.notes: list[str] = []
+        self.device = _available_device(options.device)
         dtypes = {model.dtype(bt.name) for inst in bound.instances for bt in inst.tensors}
         quantize = options.scale_quantize
         if quantize == "auto":
@@ -485,12 +503,12 @@ class _Plan(Mapping[str, Transform]):
         self.checked.update(bt.name for bt in inst.tensors if bt.binding.chunk is None)
         units = inst.size if isinstance(space, HeadPermutationSpace) else None
         solver = choose_solver(self.options.solver, inst.size)
-        # bfloat16 weights multiply exactly in bfloat16, natively fast on some CPUs: their
-        # features then stay bfloat16 (a copy, no conversion, half the memory). Otherwise
+        # bfloat16 weights multiply exactly in bfloat16, natively fast on some CPUs and on GPUs:
+        # their features then stay bfloat16 (a copy, no conversion, half the memory). Otherwise
         # block and random compute in float32 (the same permutation as float64, half the
         # memory) and exact and greedy in float64.
         stored = {t.dtype for t in (*tuned.values(), *pre.values())}
-        products = torch.bfloat16 if stored == {torch.bfloat16} and native_bfloat16() else None
+        products = torch.bfloat16 if stored == {torch.bfloat16} and (native_bfloat16() or self.device.type == "cuda") else None
         ftype = ((products or torch.float32) if solver in ("block", "sparse", "random") else torch.float64)
         # the block solver gathers a block's features straight from the tensors (`UnitParts`)
         features = UnitParts if solver == "block" else unit_features
@@ -499,11 +517,14 @@ class _Plan(Mapping[str, Transform]):
         del tuned, pre
         perm, chosen = farthest_assignment(f_pre, f_tuned, solver, rng=_instance_rng(self.options.seed, inst.id),
                                            products=products, block_size=self.options.block_size,
-                                           candidates=self.options.candidates)
+                                           candidates=self.options.candidates, device=self.device)
         transform = Transform(inst.id, perm=perm)
         moved = float((perm != np.arange(len(perm))).mean())
         what = "heads (distances before scaling)" if units else "units"
-        detail = f"{solver} solver{' (bfloat16 products)' if products and solver in ('block', 'sparse') else ''}, {moved:.0%} {what} moved"
+        how = [*(["bfloat16 products"] if products and solver in ("block", "sparse") else []),
+               *([f"costs on {self.device}"] if self.device.type != "cpu" and solver != "random" else [])]
+        paren = f" ({', '.join(how)})" if how else ""
+        detail = f"{solver} solver{paren}, {moved:.0%} {what} moved"
         if chosen is None:  # the solver multiplied no costs (random): one pass for them
             _, after2, _ = permutation_distances(f_pre, f_tuned, perm)
         else:  # ||pre - tuned[perm]||^2 = ||pre||^2 + ||tuned||^2 - 2 sum of the chosen costs
@@ -550,6 +571,18 @@ class _Plan(Mapping[str, Transform]):
                      float(((axis_view(new, bt.binding) - pv) ** 2).sum()), float((pv**2).sum()))
             task2, after2, base2 = task2 + d[0], after2 + d[1], base2 + d[2]
         return transform, InstanceReport(inst.id, f"scale-{space.role}", task2**0.5, after2**0.5, base2**0.5, detail)
+
+
+def _available_device(name: str) -> torch.device:
+    """`name` as a torch device, refused (DeviceError) when this torch cannot use it."""
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(
+            f"device {name!r}: this torch ({torch.__version__}, CUDA build: {torch.version.cuda or 'no'}) "
+            f"sees {torch.cuda.device_count()} CUDA device(s). Protect with --device cpu, or on a "
+            "machine with an NVIDIA GPU and a CUDA build of torch."
+        )
+    return device
 
 
 def _scaled_distances(t: torch.Tensor, p: torch.Tensor, binding: Binding, f: np.ndarray) -> tuple[float, float, float]:

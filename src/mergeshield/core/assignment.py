@@ -203,6 +203,7 @@ def farthest_assignment(
     rng: np.random.Generator | None = None,
     products: torch.dtype | None = None,
     candidates: int = SPARSE_CANDIDATES,
+    device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, float | None]:
     """The gather index P maximising ``||pre - tuned[P]||^2`` and, where the solver multiplied
     them anyway, the sum of the chosen costs ``sum_i <pre_i, tuned_perm[i]>``.
@@ -220,6 +221,9 @@ def farthest_assignment(
         rng: random source for ``greedy`` (row order) and ``random``.
         products: the dtype ``block`` and ``sparse`` multiply their costs in (default float32).
         candidates: cheapest columns per row (and rows per column) ``sparse`` keeps.
+        device: where the costs are multiplied (``sparse`` also picks its candidates there);
+            the features stay where they are and go over a block or a row piece at a time
+            (``sparse``: the fine-tuned features whole), the assignments are solved on the CPU.
 
     Returns:
         ``(perm, chosen)``: int64 ``perm`` with ``protected_unit[i] = tuned_unit[perm[i]]``;
@@ -227,18 +231,19 @@ def farthest_assignment(
     """
     n = pre.shape[0]
     solver = choose_solver(solver, n)
+    device = torch.device(device)
     if solver == "random":
         if rng is None:
             raise ValueError("the random solver needs an rng")
         return rng.permutation(n).astype(np.int64), None
     if solver in ("exact", "greedy"):
         # cost[i, j] = <pre_i, tuned_j>: placing tuned unit j at position i; minimise the sum
-        gram = (pre @ tuned.T).numpy()
+        gram = (pre.to(device) @ tuned.to(device).T).cpu().numpy()
         perm = farthest_from_gram(gram, solver, rng or np.random.default_rng(0))
         return perm, float(gram[np.arange(n), perm].sum())
     if solver == "sparse":
-        return _sparse(pre, tuned, candidates, products or torch.float32)
-    return _block(pre, tuned, block_size, products or torch.float32)
+        return _sparse(pre, tuned, candidates, products or torch.float32, device)
+    return _block(pre, tuned, block_size, products or torch.float32, device)
 
 
 class GramAccumulator:
@@ -311,7 +316,8 @@ def _sort_orders(pre: torch.Tensor, tuned: torch.Tensor) -> tuple[np.ndarray, np
     return np.argsort(_keys(pre, v), kind="stable"), np.argsort(-_keys(tuned, v), kind="stable")
 
 
-def _block(pre: torch.Tensor, tuned: torch.Tensor, block_size: int, products: torch.dtype) -> tuple[np.ndarray, float]:
+def _block(pre: torch.Tensor, tuned: torch.Tensor, block_size: int, products: torch.dtype,
+           device: torch.device) -> tuple[np.ndarray, float]:
     n = pre.shape[0]
     rows, cols = _sort_orders(pre, tuned)
     perm = np.empty(n, dtype=np.int64)
@@ -322,9 +328,9 @@ def _block(pre: torch.Tensor, tuned: torch.Tensor, block_size: int, products: to
         solved = []
         for start in range(0, n, block_size):
             r, c = rows[start : start + block_size], cols[start : start + block_size]
-            a = pre.index_select(0, torch.from_numpy(r)).to(products)
-            b = tuned.index_select(0, torch.from_numpy(c)).to(products)
-            sub = (a @ b.T).double().numpy()  # (b, b)
+            a = pre.index_select(0, torch.from_numpy(r)).to(device=device, dtype=products)
+            b = tuned.index_select(0, torch.from_numpy(c)).to(device=device, dtype=products)
+            sub = (a @ b.T).cpu().double().numpy()  # (b, b)
             solved.append((r, c, sub, pool.submit(block_assignment, sub)))
         for r, c, sub, job in solved:
             local = job.result()
@@ -338,32 +344,34 @@ SPARSE_ROWS = 1024
 rows of costs, not n^2)."""
 
 
-def _sparse(pre: torch.Tensor, tuned: torch.Tensor, k: int, products: torch.dtype) -> tuple[np.ndarray, float]:
+def _sparse(pre: torch.Tensor, tuned: torch.Tensor, k: int, products: torch.dtype,
+            device: torch.device) -> tuple[np.ndarray, float]:
     n = pre.shape[0]
     k = min(k, n)
     rows, cols = _sort_orders(pre, tuned)
     pairing = np.empty(n, dtype=np.int64)
     pairing[rows] = cols  # a complete matching among the edges: the sparse problem is feasible
-    b = tuned.to(products)
-    pair = torch.from_numpy(pairing)
+    b = tuned.to(device=device, dtype=products)
+    pair = torch.from_numpy(pairing).to(device)
     by_row = np.empty((n, k), dtype=np.int64)
     row_cost = np.empty((n, k))
     pair_cost = np.empty(n)
     # each column's k cheapest rows too: without them a column few rows want is left to the
     # pairing's (poor) edge
-    col_cost = torch.full((k, n), torch.inf)
-    by_col = torch.zeros((k, n), dtype=torch.int64)
+    col_cost = torch.full((k, n), torch.inf, device=device)
+    by_col = torch.zeros((k, n), dtype=torch.int64, device=device)
     for start in range(0, n, SPARSE_ROWS):
-        c = pre[start : start + SPARSE_ROWS].to(products) @ b.T  # (rows, n) costs
+        c = pre[start : start + SPARSE_ROWS].to(device=device, dtype=products) @ b.T  # (rows, n) costs
         stop = start + len(c)
         values, where = torch.topk(c, k, dim=1, largest=False, sorted=False)
-        by_row[start:stop], row_cost[start:stop] = where.numpy(), values.double().numpy()
-        pair_cost[start:stop] = c.gather(1, pair[start:stop, None])[:, 0].double().numpy()
+        by_row[start:stop], row_cost[start:stop] = where.cpu().numpy(), values.cpu().double().numpy()
+        pair_cost[start:stop] = c.gather(1, pair[start:stop, None])[:, 0].cpu().double().numpy()
         kc = min(k, len(c))
         values, where = torch.topk(c, kc, dim=0, largest=False, sorted=False)
         merged = torch.cat([col_cost, values.float()])
         col_cost, pick = torch.topk(merged, k, dim=0, largest=False, sorted=False)
         by_col = torch.cat([by_col, where + start]).gather(0, pick)
+    by_col, col_cost = by_col.cpu(), col_cost.cpu()
     # edges as (row, column, cost), each once
     r = np.concatenate([np.repeat(np.arange(n), k), np.arange(n), by_col.numpy().reshape(-1)])
     c = np.concatenate([by_row.reshape(-1), pairing, np.tile(np.arange(n), k)])
