@@ -96,11 +96,16 @@ def test_square_sums_match_float64(dtype, shape, runs, monkeypatch):
     zeros=st.booleans(),
     view=st.booleans(),
     seed=st.integers(0, 2**16),
+    chunk=st.sampled_from([1, 4, 13, 1 << 20]),
 )
-def test_whole_tensor_pow2_range_is_the_intersection_of_the_per_index_ranges(dtype, shape, zeros, view, seed):
-    """`pow2_exponent_range` (read off the raw bits) must give exactly the exponents every
-    index's own range admits: the largest lower and the smallest upper bound, with zeros,
-    subnormals, an all-zero tensor and non-contiguous views."""
+def test_whole_tensor_pow2_range_is_the_intersection_of_the_per_index_ranges(dtype, shape, zeros, view, seed, chunk):
+    """`pow2_exponent_range` (read off the raw bits, `POW2_CHUNK` values at a time) must give
+    exactly the exponents every index's own range admits: the largest lower and the smallest
+    upper bound, with zeros, subnormals, an all-zero tensor, non-contiguous views, and chunks
+    that split the tensor anywhere (the largest and smallest values in any chunk)."""
+    from unittest.mock import patch
+
+    from mergeshield.core import scales
     from mergeshield.core.scales import pow2_exponent_bounds, pow2_exponent_range
 
     g = torch.Generator().manual_seed(seed)
@@ -111,7 +116,8 @@ def test_whole_tensor_pow2_range_is_the_intersection_of_the_per_index_ranges(dty
     if view and t.ndim > 1:
         t = t.transpose(0, 1)
     lo, hi = pow2_exponent_bounds(t, dtype, axis=0)
-    assert pow2_exponent_range(t, dtype) == (int(lo.max()), int(hi.min()))
+    with patch.object(scales, "POW2_CHUNK", chunk):
+        assert pow2_exponent_range(t, dtype) == (int(lo.max()), int(hi.min()))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.int8])
