@@ -13,7 +13,7 @@ sharded safetensors in bfloat16, then measures, each in a fresh subprocess:
 - the objective each solver reaches on one layer, as a fraction of the exact optimum's
   distance gain over the identity.
 
-Usage: ``python benchmarks/bench_protect.py --work /tmp/bench --out bench.json [--shape 7b]``.
+Usage: ``python benchmarks/bench_protect.py --work /tmp/bench --out bench.json [--shape 7b] [--device cuda]``.
 Not a test: numbers depend on the machine; ratios within one run are what to compare.
 """
 
@@ -143,6 +143,7 @@ def main() -> None:
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of copy + protect runs (medians are reported)")
     ap.add_argument("--parts", default="protect,objective,merge", help="which measurements to run")
+    ap.add_argument("--device", default="cpu", help="where protect multiplies the assignment costs (cpu, cuda)")
     ap.add_argument("--exact-layer", action="store_true", help="run the exact solver on one layer even above 6000 units")
     args = ap.parse_args()
     import torch
@@ -154,7 +155,8 @@ def main() -> None:
     from mergeshield.io.checkpoint import Checkpoint
 
     n_params = sum(int(torch.Size(s).numel()) for s in Checkpoint(ft).shapes().values())
-    results: dict[str, object] = {"shape": args.shape, "params_b": n_params / 1e9, "cpus": os.cpu_count()}
+    results: dict[str, object] = {"shape": args.shape, "params_b": n_params / 1e9, "cpus": os.cpu_count(),
+                                  "device": args.device}
     print(f"{args.shape}: {n_params / 1e9:.2f}B parameters, bfloat16, {len(Checkpoint(ft).shards)} shard(s)")
 
     if "protect" in parts:
@@ -177,7 +179,8 @@ def main() -> None:
             runs["copy2"].append(_timed(copy2_code, "from pathlib import Path\n" + copy2_setup))
             for solver in solvers:
                 runs[solver].append(_timed(
-                    f"protect(r'{ft}', r'{base}', r'{work / 'prot'}', ProtectOptions(solver='{solver}'), overwrite=True, progress=False)",
+                    f"protect(r'{ft}', r'{base}', r'{work / 'prot'}', ProtectOptions(solver='{solver}', device='{args.device}'), "
+                    "overwrite=True, progress=False)",
                     setup=f"from mergeshield import protect, ProtectOptions\nimport shutil; shutil.rmtree(r'{work / 'prot'}', ignore_errors=True)",
                 ))
             print(f"round {rep + 1}/{args.repeat}: " + ", ".join(f"{k} {v[-1]['seconds']:.1f} s" for k, v in runs.items()))

@@ -5,7 +5,7 @@ Runs ``protect`` in this process while a thread samples ``/proc/self/status`` ev
 their ratio to the wall time is how many cores were busy), ``ru_maxrss`` and the sampled peaks
 of ``RssAnon`` and ``RssFile``. Not a test.
 
-Usage: ``python benchmarks/peak_rss_protect.py FT_DIR BASE_DIR OUT_DIR [--solver auto]``
+Usage: ``python benchmarks/peak_rss_protect.py FT_DIR BASE_DIR OUT_DIR [--solver auto] [--device cpu]``
 (e.g. on the checkpoints ``bench_protect.py --shape 7b`` generates).
 """
 
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("base")
     ap.add_argument("out")
     ap.add_argument("--solver", default="auto")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     from mergeshield import ProtectOptions, protect
 
@@ -40,7 +41,7 @@ def main() -> None:
 
     threading.Thread(target=sample, daemon=True).start()
     t, cpu = time.perf_counter(), time.process_time()
-    protect(args.ft, args.base, args.out, ProtectOptions(solver=args.solver), overwrite=True, progress=False)
+    protect(args.ft, args.base, args.out, ProtectOptions(solver=args.solver, device=args.device), overwrite=True, progress=False)
     done.set()
     print(json.dumps({"seconds": time.perf_counter() - t, "cpu_seconds": time.process_time() - cpu,
                       "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
