@@ -55,7 +55,7 @@ def main() -> None:
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                perm, chosen = farthest_assignment(pre, tuned, solver, products=torch.bfloat16, device=device)
+                perm, _ = farthest_assignment(pre, tuned, solver, products=torch.bfloat16, device=device)
                 times.append(time.perf_counter() - t)
             exact_chosen = float((pre.double() * tuned.double()[torch.from_numpy(perm)]).sum())
             rows.append({"device": device, "solver": solver, "seconds": min(times), "first_seconds": times[0],

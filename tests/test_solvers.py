@@ -290,7 +290,7 @@ def test_costs_multiplied_on_a_device_give_the_cpu_objective(device, solver, pro
     tuned = pre + 0.1 * torch.randn(600, 80, generator=g, dtype=torch.float64)
     if solver != "exact":
         pre, tuned = pre.float(), tuned.float()
-    kw = dict(block_size=128, candidates=8, products=products)
+    kw = {"block_size": 128, "candidates": 8, "products": products}
     ref_perm, ref_chosen = farthest_assignment(pre, tuned, solver, **kw)
     perm, chosen = farthest_assignment(pre, tuned, solver, device=device, **kw)
     assert isinstance(perm, np.ndarray) and sorted(perm) == list(range(600))
