@@ -35,6 +35,10 @@ SHAPES = {
                num_key_value_heads=4, vocab_size=32000),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                num_key_value_heads=32, vocab_size=32000),
+    # Llama-2-70B's layer widths (GQA with 8 K/V heads, a 28672-wide MLP) with 2 of its 80 layers:
+    # per-layer time and memory at 70B width on a disk that cannot hold 70B twice
+    "70b-2layers": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=2, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000),
 }
 
 

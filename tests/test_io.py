@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -123,3 +125,36 @@ def test_reading_while_another_thread_releases_the_handles(tiny_pair):
     ckpt._handles = ClearedRightAfter()
     for name in ckpt.names:
         assert ckpt.get(name).shape == ckpt.shape(name)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+def test_own_map_reads_the_same_and_unmaps_with_the_tensor(tmp_path):
+    """``get(name, own_map=True)`` (protect's planner) gives the same values from a mapping of
+    its own, which goes when the tensor goes; the shared mapping stays until `release`."""
+    import gc
+
+    from safetensors.torch import save_file
+
+    from mergeshield.io.checkpoint import Checkpoint
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.randn(64, 1024), "v": torch.randn(8)}, str(folder / "model.safetensors"))
+
+    def mappings() -> int:
+        gc.collect()
+        return sum(str(folder / "model.safetensors") in line for line in Path("/proc/self/maps").read_text().splitlines())
+
+    ckpt = Checkpoint(folder)
+    shared = ckpt.get("w")
+    assert mappings() == 1
+    own = ckpt.get("w", own_map=True)
+    assert torch.equal(own, shared) and own.data_ptr() != shared.data_ptr()
+    assert mappings() == 2
+    del own
+    assert mappings() == 1
+    ckpt.release()
+    assert mappings() == 1  # the shared mapping lives while a tensor from it does
+    del shared
+    assert mappings() == 0
