@@ -1,7 +1,8 @@
 """Benchmark: protect and merge Llama-shaped checkpoints against their floors, in one run.
 
 Generates a synthetic base and a "fine-tune" (base + small noise) with a Llama layout
-(default: TinyLlama-1.1B's shape, about 1.1B parameters; ``--shape 7b`` for Llama-2-7B's),
+(default: TinyLlama-1.1B's shape, about 1.1B parameters; ``--shape 7b`` for Llama-2-7B's;
+``--shape 70b-2layers`` for two layers of Llama-2-70B's width),
 sharded safetensors in bfloat16, then measures, each in a fresh subprocess:
 
 - ``copy``: read every tensor and write it back (the disk floor the issue measures against);

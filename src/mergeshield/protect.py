@@ -359,8 +359,9 @@ class _Plan(Mapping[str, Transform]):
     is planned when the writer's read-ahead reaches its tensors, reading only that instance's
     tensors from the model and the base, each through a mapping of its own (`Checkpoint.get`
     with ``own_map``), so that their pages leave resident memory when the plan is made rather
-    than at the writer's next `Checkpoint.release`: 0.4-0.7 GiB less peak RSS at Llama-2-7B's
-    shape and 0.6-0.8 GiB at Llama-2-70B's layer width (`benchmarks/peak_rss_protect.py`). Each instance's random draw is keyed by its id, so the order does not change
+    than at the writer's next `Checkpoint.release`: peak RSS 1.34-1.55 against 1.86-2.18 GiB at
+    Llama-2-7B's shape, 3.92-4.11 against 4.70-4.74 GiB at Llama-2-70B's layer width
+    (`benchmarks/peak_rss_protect.py`, README "Scale and speed"). Each instance's random draw is keyed by its id, so the order does not change
     the result. `finish` gives the transforms, reports and notes in key order. Use it as a
     context manager: leaving it waits for the plan in progress (it reads the checkpoints)."""
 
