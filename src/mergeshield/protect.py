@@ -487,37 +487,36 @@ class _Plan(Mapping[str, Transform]):
         tuned = {bt.name: _of_float_dtype(self.model.get(bt.name, own_map=True), bt.name, model_at) for bt in inst.tensors}
         pre = {bt.name: _of_float_dtype(self.base.get(self.names[bt.name], own_map=True), self.names[bt.name], base_at)
                for bt in inst.tensors}
-        # The squared norms the report needs double as the NaN/Inf check (a NaN or Inf makes
-        # them non-finite), before any solver sees the values.
-        base2 = task2 = tuned2 = 0.0
-        for bt in inst.tensors:
-            p2, t2, d2 = square_sums(axis_view(pre[bt.name], bt.binding), axis_view(tuned[bt.name], bt.binding))
-            base2, tuned2, task2 = base2 + p2, tuned2 + t2, task2 + d2
-        if not math.isfinite(base2 + tuned2 + task2):
-            for bt in inst.tensors:  # raises for the first tensor with a NaN/Inf
-                _checked(tuned[bt.name], bt.name, model_at)
-                _checked(pre[bt.name], self.names[bt.name], base_at)
-            base2 = tuned2 = task2 = 0.0  # finite values whose half-precision norms overflowed
-            for bt in inst.tensors:
-                p2, t2, d2 = square_sums(axis_view(pre[bt.name], bt.binding), axis_view(tuned[bt.name], bt.binding),
-                                         exact=True)
-                base2, tuned2, task2 = base2 + p2, tuned2 + t2, task2 + d2
-        # a tensor is checked whole only if the instance binds all of it
-        self.checked.update(bt.name for bt in inst.tensors if bt.binding.chunk is None)
         units = inst.size if isinstance(space, HeadPermutationSpace) else None
         solver = choose_solver(self.options.solver, inst.size)
         # bfloat16 weights multiply exactly in bfloat16, natively fast on some CPUs and on GPUs:
         # their features then stay bfloat16 (a copy, no conversion, half the memory). Otherwise
         # block and random compute in float32 (the same permutation as float64, half the
-        # memory) and exact and greedy in float64.
+        # memory) and exact and greedy in float64; float64 weights keep float64 features (the
+        # report's sums are taken on them), multiplied in float32 all the same.
         stored = {t.dtype for t in (*tuned.values(), *pre.values())}
         products = torch.bfloat16 if stored == {torch.bfloat16} and (native_bfloat16() or self.device.type == "cuda") else None
-        ftype = ((products or torch.float32) if solver in ("block", "sparse", "random") else torch.float64)
+        narrow = solver in ("block", "sparse", "random") and torch.float64 not in stored
+        ftype = (products or torch.float32) if narrow else torch.float64
         # the block solver gathers a block's features straight from the tensors (`UnitParts`)
         features = UnitParts if solver == "block" else unit_features
         f_pre = features([(pre[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
         f_tuned = features([(tuned[bt.name], bt.binding) for bt in inst.tensors], units, ftype)
+        # The features hold the bound values exactly (in a dtype at least as wide), so the tensors
+        # go now: a tensor the features copied (the down projection, transposed) is unmapped
+        # before the others are read (at Llama-2-70B's width 0.9 GB less resident memory).
         del tuned, pre
+        # The squared norms the report needs double as the NaN/Inf check (a NaN or Inf makes
+        # them non-finite), before any solver sees the values.
+        base2, tuned2, task2 = _feature_square_sums(f_pre, f_tuned)
+        if not math.isfinite(base2 + tuned2 + task2):
+            for bt in inst.tensors:  # raises for the first tensor with a NaN/Inf
+                _checked(self.model.get(bt.name, own_map=True), bt.name, model_at)
+                _checked(self.base.get(self.names[bt.name], own_map=True), self.names[bt.name], base_at)
+            # finite values whose half-precision norms overflowed
+            base2, tuned2, task2 = _feature_square_sums(f_pre, f_tuned, exact=True)
+        # a tensor is checked whole only if the instance binds all of it
+        self.checked.update(bt.name for bt in inst.tensors if bt.binding.chunk is None)
         perm, chosen = farthest_assignment(f_pre, f_tuned, solver, rng=_instance_rng(self.options.seed, inst.id),
                                            products=products, block_size=self.options.block_size,
                                            candidates=self.options.candidates, device=self.device)
@@ -574,6 +573,15 @@ class _Plan(Mapping[str, Transform]):
                      float(((axis_view(new, bt.binding) - pv) ** 2).sum()), float((pv**2).sum()))
             task2, after2, base2 = task2 + d[0], after2 + d[1], base2 + d[2]
         return transform, InstanceReport(inst.id, f"scale-{space.role}", task2**0.5, after2**0.5, base2**0.5, detail)
+
+
+def _feature_square_sums(pre: torch.Tensor | UnitParts, tuned: torch.Tensor | UnitParts,
+                         exact: bool = False) -> tuple[float, float, float]:
+    """`square_sums` (``||pre||^2, ||tuned||^2, ||pre - tuned||^2``) of two instances' unit
+    features, part by part for `UnitParts`."""
+    pairs = zip(pre.parts, tuned.parts) if isinstance(pre, UnitParts) else [(pre, tuned)]
+    sums = [square_sums(p, t, exact) for p, t in pairs]  # type: ignore[union-attr]
+    return sum(x[0] for x in sums), sum(x[1] for x in sums), sum(x[2] for x in sums)
 
 
 def _available_device(name: str) -> torch.device:
