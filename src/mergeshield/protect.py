@@ -361,8 +361,8 @@ class _Plan(Mapping[str, Transform]):
     with ``own_map``), so that their pages leave resident memory when the plan is made rather
     than at the writer's next `Checkpoint.release`: peak RSS 1.34-1.55 against 1.86-2.18 GiB at
     Llama-2-7B's shape, 3.92-4.11 against 4.70-4.74 GiB at Llama-2-70B's layer width
-    (`benchmarks/peak_rss_protect.py`, README "Scale and speed"). Each instance's random draw is keyed by its id, so the order does not change
-    the result. `finish` gives the transforms, reports and notes in key order. Use it as a
+    (`benchmarks/peak_rss_protect.py`, README "Scale and speed"). Each instance's random draw is
+    keyed by its id, so the order does not change the result. `finish` gives the transforms, reports and notes in key order. Use it as a
     context manager: leaving it waits for the plan in progress (it reads the checkpoints)."""
 
     def __init__(
@@ -515,7 +515,8 @@ class _Plan(Mapping[str, Transform]):
             for bt in inst.tensors:  # raises for the first tensor with a NaN/Inf
                 _checked(self.model.get(bt.name, own_map=True), bt.name, model_at)
                 _checked(self.base.get(self.names[bt.name], own_map=True), self.names[bt.name], base_at)
-            # finite values whose half-precision norms overflowed
+            # finite values whose norms overflowed in narrow features (bfloat16 or float32 runs
+            # of values near bfloat16's maximum): again in float64
             base2, tuned2, task2 = _feature_square_sums(f_pre, f_tuned, exact=True)
         # a tensor is checked whole only if the instance binds all of it
         self.checked.update(bt.name for bt in inst.tensors if bt.binding.chunk is None)

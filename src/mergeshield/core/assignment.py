@@ -427,8 +427,8 @@ def _keys(x: torch.Tensor, v: torch.Tensor) -> np.ndarray:
     MLP's features: 12-14 against 250-261 ms, one thread; `benchmarks/transform_speed.py`); the
     key is then rounded to 3 significant digits, which moves units a few places in the sort
     order (block solver's objective on MiniLM's layers and their 9216-unit pool: -9e-5 to
-    +1.1e-4 from float32 keys'; `benchmarks/solver_quality.py`). Other narrow dtypes are converted a few rows at a
-    time."""
+    +1.1e-4 from float32 keys'; `benchmarks/solver_quality.py`). Other narrow dtypes are
+    converted a few rows at a time."""
     if isinstance(x, UnitParts):
         bounds = np.cumsum([0] + [p.shape[1] for p in x.parts])
         return sum(_keys(p, v[a:b]) for p, a, b in zip(x.parts, bounds, bounds[1:]))  # type: ignore[return-value]
