@@ -4,6 +4,8 @@ planner is one thread; torch's own threads come on top).
 
 - permutation gathers (`take`: numpy's take on the raw bits) vs torch's advanced indexing and
   index_select, for rows (gate/up projections) and columns (the down projection);
+- the block solver's gather of 1024 units' features from three parts (`UnitParts.index_select`:
+  torch's index_select into each part's columns) vs numpy's take into the same strided columns;
 - sums of squares by norms of runs (`runs_square_sum`, `square_sums`) vs a float32 sum, with
   their relative error against float64;
 - the bfloat16 sort key (`_keys`) vs converting the features to float32;
@@ -26,7 +28,7 @@ import numpy as np
 import torch
 
 import mergeshield  # noqa: F401  (huge pages for torch's allocations, as in protect)
-from mergeshield.core.assignment import _keys
+from mergeshield.core.assignment import UnitParts, _keys
 from mergeshield.core.numeric import runs_square_sum, square_sums
 from mergeshield.core.scales import pow2_exponent_bounds, pow2_exponent_range
 from mergeshield.core.transforms import take
@@ -84,6 +86,23 @@ def main() -> None:
     row("row gather 11008x4096 (take)", best(lambda: take(gate, idx, 0)), best(lambda: gate[perm]), "advanced indexing")
     row("row gather 11008x4096 (take)/index_select", best(lambda: take(gate, idx, 0)),
         best(lambda: gate.index_select(0, perm)), "index_select")
+
+    parts = UnitParts([(gate, Binding(tensor="gate", axis=0)), (tuned, Binding(tensor="up", axis=0)),
+                       (down, Binding(tensor="down", axis=1))], dtype=bf)
+    block = perm[:1024]
+
+    def numpy_strided() -> torch.Tensor:
+        out = torch.empty(len(block), parts.shape[1], dtype=bf)
+        at = 0
+        for part in parts.parts:
+            dest = out[:, at : at + part.shape[1]].view(torch.int16).numpy()
+            np.take(part.view(torch.int16).numpy(), block.numpy(), axis=0, out=dest, mode="clip")
+            at += part.shape[1]
+        return out
+
+    assert torch.equal(parts.index_select(0, block), numpy_strided())
+    row("block gather 1024 of 11008x12288 (3 parts)", best(lambda: parts.index_select(0, block)),
+        best(numpy_strided), "numpy take, strided out")
 
     ref = float((gate.double() ** 2).sum())
     err = abs(runs_square_sum(gate) - ref) / ref

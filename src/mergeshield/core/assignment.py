@@ -121,14 +121,16 @@ class UnitParts:
         self.shape = torch.Size((n, sum(p.shape[1] for p in self.parts)))
 
     def index_select(self, dim: int, index: torch.Tensor) -> torch.Tensor:
-        """These units' whole features, ``(len(index), F)``."""
-        from mergeshield.core.transforms import take
-
+        """These units' whole features, ``(len(index), F)``: each part's rows gathered straight
+        into its columns of the result by torch (a strided destination). One 7B-wide block of
+        1024 units from three 11008 x 4096 bfloat16 parts: 35-38 ms on one thread, 19-21 ms on
+        two, where numpy's ``take`` into the same strided destination took 81-84 and 87-107 ms
+        (it gathers into a temporary and copies it back)."""
         assert dim == 0
         out = torch.empty(len(index), self.shape[1], dtype=self.dtype)
         at = 0
         for part in self.parts:
-            take(part, index.numpy(), 0, out=out[:, at : at + part.shape[1]])
+            torch.index_select(part, 0, index, out=out[:, at : at + part.shape[1]])
             at += part.shape[1]
         return out
 

@@ -85,24 +85,18 @@ def element_index(instance: SpaceInstance, binding: Binding, perm: np.ndarray) -
     return (perm[:, None] * block + np.arange(block)).reshape(-1)
 
 
-def take(t: torch.Tensor, index: np.ndarray, axis: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """A new tensor (or `out`, filled): `t`'s slices along `axis` in the order `index`
-    (``t.index_select``). `index` must be valid: it is not checked on this path.
+def take(t: torch.Tensor, index: np.ndarray, axis: int) -> torch.Tensor:
+    """A new tensor: `t`'s slices along `axis` in the order `index` (``t.index_select``).
+    `index` must be valid: it is not checked on this path.
 
     On the CPU numpy's ``take`` on the raw bits does it: on a Llama-2-7B down projection
     (4096 x 11008, bfloat16, one thread) it gathered the columns in 47-52 ms, torch's advanced
     indexing in 136-138 ms and index_select in 148-158 ms; the gate projection's rows in 13-14
     ms against 39-49 ms (`benchmarks/transform_speed.py`, two runs)."""
-    if t.device.type != "cpu" or not t.is_contiguous() or t.element_size() not in SAME_SIZE_INT or (
-            out is not None and (out.dtype != t.dtype or out.device != t.device)):
-        got = t.index_select(axis, torch.from_numpy(np.asarray(index)).to(t.device))
-        return got if out is None else out.copy_(got)
+    if t.device.type != "cpu" or not t.is_contiguous() or t.element_size() not in SAME_SIZE_INT:
+        return t.index_select(axis, torch.from_numpy(np.asarray(index)).to(t.device))
     bits = t.detach().view(SAME_SIZE_INT[t.element_size()]).numpy()
-    if out is None:
-        return torch.from_numpy(np.take(bits, index, axis=axis)).view(t.dtype)
-    # straight into `out`, which may be a strided view (mode="clip": numpy buffers "raise")
-    np.take(bits, index, axis=axis, out=out.view(SAME_SIZE_INT[t.element_size()]).numpy(), mode="clip")
-    return out
+    return torch.from_numpy(np.take(bits, index, axis=axis)).view(t.dtype)
 
 
 def axis_view(t: torch.Tensor, binding: Binding) -> torch.Tensor:
