@@ -126,6 +126,27 @@ def test_bad_model_is_refused_clearly_and_leaves_nothing(pair, tmp_path, how):
     assert _snapshot(base, ft) == before
 
 
+@pytest.mark.parametrize(("side", "name", "value"), [
+    ("ft", "model.layers.0.self_attn.q_proj.weight", float("nan")),
+    ("ft", "model.layers.1.self_attn.o_proj.weight", float("inf")),
+    ("base", "model.layers.1.self_attn.k_proj.weight", float("-inf")),
+    ("base", "model.layers.0.self_attn.v_proj.weight", float("nan")),
+])
+def test_non_finite_attention_weight_in_either_model_is_refused(pair, tmp_path, side, name, value):
+    """The attention scales find NaN/Inf through their distance sums (no separate pass): a bad
+    value in the model's or the base's bound tensors is still refused, naming the tensor."""
+    base, ft = pair
+    st = {"ft": ft, "base": base}[side] / "model.safetensors"
+    w = load_file(st)
+    w[name][1, 2] = value
+    save_file(w, st, metadata={"format": "pt"})
+    before = _snapshot(base, ft)
+    with pytest.raises(NumericError, match=f"{name}.*NaN/Inf"):
+        protect(ft, base, tmp_path / "out", key_out=tmp_path / "key", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "key").exists()
+    assert _snapshot(base, ft) == before
+
+
 def test_base_of_another_width_is_refused(tiny_pair, tmp_path):
     import transformers as T
 

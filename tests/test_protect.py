@@ -522,14 +522,21 @@ def test_factor_bounds_shortcut_bounds_exactly_what_the_per_index_ranges_bound(e
         assert np.array_equal(np.where(ok, np.clip(exps, lo, hi), 0), np.where(want_ok, np.clip(exps, want_lo, want_hi), 0))
 
 
-@pytest.mark.parametrize(("dtype", "peak", "solver"), [(torch.float16, 30000.0, "block"), (torch.bfloat16, 1e38, "random")])
-def test_half_precision_norms_that_overflow_are_not_taken_for_nan(dtype, peak, solver, tmp_path, monkeypatch):
-    """MLP weights near the dtype's maximum: every value is finite, but norms of their runs in a
+@pytest.mark.parametrize(("dtype", "peak", "solver", "weight", "instance"), [
+    (torch.float16, 30000.0, "block", "mlp.up_proj", "model.mlp.0"),
+    (torch.bfloat16, 1e38, "random", "mlp.up_proj", "model.mlp.0"),
+    (torch.float16, 30000.0, "auto", "self_attn.v_proj", "model.vo.0"),
+    (torch.bfloat16, 1e38, "auto", "self_attn.v_proj", "model.vo.0"),
+])
+def test_half_precision_norms_that_overflow_are_not_taken_for_nan(dtype, peak, solver, weight, instance, tmp_path,
+                                                                  monkeypatch):
+    """Weights near the dtype's maximum: every value is finite, but norms of their runs in a
     narrow dtype overflow. protect must tell that from a NaN/Inf weight (no error) and report the
-    layer's distances as float64 gives them. float16 weights (features in float32, where the
-    norms do not overflow) and bfloat16 ones at 1e38 (bfloat16 or float32 features: the runs
+    instance's distances as float64 gives them. MLP: float16 weights (features in float32, where
+    the norms do not overflow) and bfloat16 ones at 1e38 (bfloat16 or float32 features: the runs
     overflow and the sums are taken again in float64; `random` multiplies no costs, which would
-    overflow too, so only the distance before and the base norm are checked there)."""
+    overflow too, so only the distance before and the base norm are checked there). Attention
+    (V/O scales): the half-precision runs overflow in both dtypes and are taken again in float64."""
     import importlib
 
     from mergeshield.core import numeric
@@ -537,19 +544,21 @@ def test_half_precision_norms_that_overflow_are_not_taken_for_nan(dtype, peak, s
 
     protect_module = importlib.import_module("mergeshield.protect")
     monkeypatch.setattr(numeric, "SQUARES_EXACT_BELOW", 0)  # the runs path on tiny tensors
+    monkeypatch.setattr(protect_module, "SQUARES_EXACT_BELOW", 0)
     base_model = build("llama", 0)
     ft_model = build("llama", 1, finetune_of=base_model)
+    module, name = weight.split(".")
     with torch.no_grad():
         for m in (base_model, ft_model):
-            w = m.model.layers[0].mlp.up_proj.weight
+            w = getattr(getattr(m.model.layers[0], module), name).weight
             w.mul_(peak / w.abs().max())
     save(base_model, tmp_path / "base", dtype=dtype)
     save(ft_model, tmp_path / "ft", dtype=dtype)
-    up = Checkpoint(tmp_path / "ft").get("model.layers.0.mlp.up_proj.weight")
-    assert torch.isfinite(up).all() and not np.isfinite(numeric.runs_square_sum(up))  # narrow runs overflow
+    big = Checkpoint(tmp_path / "ft").get(f"model.layers.0.{weight}.weight")
+    assert torch.isfinite(big).all() and not np.isfinite(numeric.runs_square_sum(big))  # narrow runs overflow
     report = protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(solver=solver, block_size=16),
                      progress=False)
-    (r,) = [r for r in report.instances if r.id == "model.mlp.0"]
+    (r,) = [r for r in report.instances if r.id == instance]
     ckpt = Checkpoint(tmp_path / "ft")
     (inst,) = [i for i in protect_module.bind_checkpoint(ckpt).instances if i.id == r.id]
     w = {k: _weights(tmp_path / k) for k in ("ft", "base", "out")}

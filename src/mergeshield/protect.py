@@ -539,12 +539,11 @@ class _Plan(Mapping[str, Transform]):
 
     def _plan_scales(self, inst: SpaceInstance) -> tuple[Transform, InstanceReport]:
         space = inst.space
-        tuned = {bt.name: _checked(self.model.get(bt.name, own_map=True), bt.name, str(self.model.folder)) for bt in inst.tensors}
-        self.checked.update(tuned)
-        pre = {
-            bt.name: _checked(self.base.get(self.names[bt.name], own_map=True), self.names[bt.name], str(self.base.folder))
-            for bt in inst.tensors
-        }
+        model_at, base_at = str(self.model.folder), str(self.base.folder)
+        # NaN/Inf are found by the distances below (as in `_plan`): the bounds tolerate them
+        tuned = {bt.name: _of_float_dtype(self.model.get(bt.name, own_map=True), bt.name, model_at) for bt in inst.tensors}
+        pre = {bt.name: _of_float_dtype(self.base.get(self.names[bt.name], own_map=True), self.names[bt.name], base_at)
+               for bt in inst.tensors}
         assert isinstance(space, ScaleSpace)
         rng = _instance_rng(self.options.seed, inst.id)
         factors = sample_factors(rng, inst.size, self.options.scale_low, self.options.scale_high, self.options.scale_law)
@@ -562,20 +561,40 @@ class _Plan(Mapping[str, Transform]):
             transform = Transform(inst.id, matrices=make(rng, inst, self.options))
             kind = "per-head mixing" if space.rope == "none" else "per-pair rotation and scale (RoPE)"
             detail = f"{kind}, condition <= {self.options.scale_high / self.options.scale_low:.3g}"
-        task2 = after2 = base2 = 0.0
-        for bt in inst.tensors:
-            # fused tensors (GPT-2 c_attn) appear once per chunk: measure only the chunk
-            if transform.matrices is None:
-                d = _scaled_distances(axis_view(tuned[bt.name], bt.binding), axis_view(pre[bt.name], bt.binding),
-                                      bt.binding, expand_factors(inst, transform.factors, bt.binding.layout))
-            else:
-                t_c, p_c = _to_compute(tuned[bt.name]), _to_compute(pre[bt.name])
-                new = apply_transform(t_c, bt.binding, inst, transform)
-                pv = axis_view(p_c, bt.binding)
-                d = (float(((axis_view(t_c, bt.binding) - pv) ** 2).sum()),
-                     float(((axis_view(new, bt.binding) - pv) ** 2).sum()), float((pv**2).sum()))
-            task2, after2, base2 = task2 + d[0], after2 + d[1], base2 + d[2]
+        # The distance before (the differences' squares) doubles as the NaN/Inf check of both
+        # models' bound values: a NaN or Inf in either makes it non-finite.
+        task2, after2, base2 = _scale_distances(tuned, pre, inst, transform)
+        if not math.isfinite(task2 + after2 + base2):
+            for bt in inst.tensors:  # raises for the first tensor with a NaN/Inf
+                _checked(tuned[bt.name], bt.name, model_at)
+                _checked(pre[bt.name], self.names[bt.name], base_at)
+            # finite values whose half-precision runs (or float32 squares) overflowed: in float64
+            task2, after2, base2 = _scale_distances(tuned, pre, inst, transform, exact=True)
+        # a tensor is checked whole only if the instance binds all of it
+        self.checked.update(bt.name for bt in inst.tensors if bt.binding.chunk is None)
         return transform, InstanceReport(inst.id, f"scale-{space.role}", task2**0.5, after2**0.5, base2**0.5, detail)
+
+
+def _scale_distances(tuned: dict[str, torch.Tensor], pre: dict[str, torch.Tensor], inst: SpaceInstance,
+                     transform: Transform, exact: bool = False) -> tuple[float, float, float]:
+    """``(||tuned - pre||^2, ||transformed tuned - pre||^2, ||pre||^2)`` over a scale instance's
+    bound tensors (`_scaled_distances` per tensor; mixing matrices applied in float32), in float64
+    with `exact`."""
+    task2 = after2 = base2 = 0.0
+    for bt in inst.tensors:
+        # fused tensors (GPT-2 c_attn) appear once per chunk: measure only the chunk
+        if transform.matrices is None:
+            d = _scaled_distances(axis_view(tuned[bt.name], bt.binding), axis_view(pre[bt.name], bt.binding),
+                                  bt.binding, expand_factors(inst, transform.factors, bt.binding.layout), exact)
+        else:
+            wide = torch.float64 if exact else None
+            t_c, p_c = (_to_compute(x) if wide is None else x.to(wide) for x in (tuned[bt.name], pre[bt.name]))
+            new = apply_transform(t_c, bt.binding, inst, transform)
+            pv = axis_view(p_c, bt.binding)
+            d = (float(((axis_view(t_c, bt.binding) - pv) ** 2).sum()),
+                 float(((axis_view(new, bt.binding) - pv) ** 2).sum()), float((pv**2).sum()))
+        task2, after2, base2 = task2 + d[0], after2 + d[1], base2 + d[2]
+    return task2, after2, base2
 
 
 def _feature_square_sums(pre: torch.Tensor | UnitParts, tuned: torch.Tensor | UnitParts,
@@ -599,14 +618,16 @@ def _available_device(name: str) -> torch.device:
     return device
 
 
-def _scaled_distances(t: torch.Tensor, p: torch.Tensor, binding: Binding, f: np.ndarray) -> tuple[float, float, float]:
+def _scaled_distances(t: torch.Tensor, p: torch.Tensor, binding: Binding, f: np.ndarray,
+                      exact: bool = False) -> tuple[float, float, float]:
     """``(||t - p||^2, ||t * f - p||^2, ||p||^2)`` for factors `f` along the binding's axis
     (``1/f`` on an inverse binding), from per-index sums: no scaled copy of `t`, and the tensors
-    (any dtype) are read a cache-sized chunk at a time, converted to float32 (float64 stays).
-    An index whose factor is 1 takes its distance from the differences themselves (no
-    cancellation)."""
+    (any dtype) are read a cache-sized chunk at a time, converted to float32 (float64 stays, and
+    everything converts to float64 with `exact`). An index whose factor is 1 takes its distance
+    from the differences themselves (no cancellation)."""
     fr = 1.0 / f if binding.inverse else f
-    if t.ndim == 2 and t.dtype in HALF_DTYPES and t.numel() >= SQUARES_EXACT_BELOW and _powers_of_two_in(t.dtype, fr):
+    if (not exact and t.ndim == 2 and t.dtype in HALF_DTYPES and t.numel() >= SQUARES_EXACT_BELOW
+            and _powers_of_two_in(t.dtype, fr)):
         factor = torch.from_numpy(fr).to(t.dtype)  # exact products in the stored dtype
         return _scaled_distances_half(t, p, factor.reshape(-1, 1) if binding.axis == 0 else factor.reshape(1, -1))
     axis = binding.axis if t.ndim > 1 else 0
@@ -615,7 +636,7 @@ def _scaled_distances(t: torch.Tensor, p: torch.Tensor, binding: Binding, f: np.
         t2, p2, reduce = t.reshape(-1, n), p.reshape(-1, n), 0
     else:  # units along a leading axis: rows of everything after it (a copy only if not contiguous)
         t2, p2, reduce = t.movedim(axis, 0).reshape(n, -1), p.movedim(axis, 0).reshape(n, -1), 1
-    wide = torch.float64 if t.dtype == torch.float64 else torch.float32
+    wide = torch.float64 if exact or t.dtype == torch.float64 else torch.float32
     sums = torch.zeros(4, n, dtype=torch.float64)  # (t-p)^2, t.t, t.p, p.p per index
     step = max(1, (1 << 16) // max(1, t2.shape[1]))
     for start in range(0, t2.shape[0], step):

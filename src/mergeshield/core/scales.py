@@ -99,7 +99,8 @@ def pow2_exponent_range(t: torch.Tensor, dtype: torch.dtype, headroom_bits: int 
 def _bounds(big: np.ndarray, small: np.ndarray, dtype: torch.dtype, headroom_bits: int) -> tuple[np.ndarray, np.ndarray]:
     """Exponent ranges from the largest magnitudes and the smallest nonzero ones (inf: none)."""
     info = torch.finfo(dtype)
-    big = np.maximum(big, info.tiny)
+    # a NaN or Inf (callers check for them after planning) bounds like the largest value
+    big = np.maximum(np.nan_to_num(big, nan=info.max, posinf=info.max), info.tiny)
     hi = np.floor(np.log2(info.max / 2.0**headroom_bits / big))
     with np.errstate(divide="ignore"):
         lo = np.where(np.isfinite(small), np.ceil(np.log2(info.tiny / np.where(np.isfinite(small), small, 1.0))), -np.inf)
