@@ -121,3 +121,61 @@ def test_every_tiny_checkpoint_binds_completely(tiny_pair, family):
         # every layer's norms and the embedding are on it
         assert sum("norm" in n.lower() or "ln_" in n for n in names) >= 2 * 2
     assert sum(inst.space.kind == "head_permutation" for inst in bound.instances) == layers
+
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_binding_reads_the_written_config_only_when_it_names_every_key(tiny_pair, family, monkeypatch):
+    """`bind_checkpoint` binds on config.json as written when it names every key the description
+    reads (no transformers import), else on transformers' full config: either way the binding
+    is the one the full config gives."""
+    from mergeshield.io.checkpoint import Checkpoint
+    from mergeshield.protect import bind_checkpoint
+    from mergeshield.symmetry.spec import config_keys, names_every_key
+
+    _, ft, _ = tiny_pair(family)
+    ckpt = Checkpoint(ft)
+    fam = family_for_model_type(ckpt.model_type)
+    full = bind(fam, ckpt.full_config(), ckpt.shapes())
+    calls = []
+    real = Checkpoint.full_config
+    monkeypatch.setattr(Checkpoint, "full_config", lambda self: calls.append(1) or real(self))
+    assert bind_checkpoint(ckpt) == full
+    explicit = names_every_key(ckpt.config, config_keys(fam))
+    assert calls == ([] if explicit else [1])
+    if family in ("llama", "vit"):  # save_pretrained writes every key they read (transformers 5's
+        assert explicit  # BertConfig has no position_embedding_type, which the bert description checks)
+
+
+def test_binding_fills_missing_keys_from_transformers(tiny_pair, tmp_path, monkeypatch):
+    """A Llama config.json without head_dim (as Llama-2's own) or with a null one binds on
+    transformers' full config, to the same binding as with it written out."""
+    import json
+    import shutil
+
+    from mergeshield.io.checkpoint import Checkpoint
+    from mergeshield.protect import bind_checkpoint
+
+    _, ft, _ = tiny_pair("llama")
+    want = bind_checkpoint(Checkpoint(ft))
+    calls = []
+    real = Checkpoint.full_config
+    monkeypatch.setattr(Checkpoint, "full_config", lambda self: calls.append(1) or real(self))
+    for k, edit in enumerate((lambda c: c.pop("head_dim"), lambda c: c.update(head_dim=None))):
+        folder = shutil.copytree(ft, tmp_path / f"ft{k}")
+        cfg = json.loads((folder / "config.json").read_text())
+        edit(cfg)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        assert bind_checkpoint(Checkpoint(folder)) == want
+        assert len(calls) == k + 1
+
+
+def test_binding_a_complete_config_does_not_import_transformers(tiny_pair):
+    import subprocess
+    import sys
+
+    _, ft, _ = tiny_pair("llama")
+    code = ("import sys; from mergeshield.io.checkpoint import Checkpoint; from mergeshield.protect import bind_checkpoint; "
+            f"b = bind_checkpoint(Checkpoint({str(ft)!r})); assert b.instances; "
+            "assert 'transformers' not in sys.modules, 'transformers imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
