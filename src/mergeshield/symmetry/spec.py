@@ -162,7 +162,9 @@ def config_keys(family: FamilySpec) -> set[str]:
     each alternative of every size reference."""
     keys = set(family.config_requirements)
     for space in family.spaces:
-        for ref in (getattr(space, f, None) for f in ("size", "heads", "query_heads", "head_dim")):
+        refs = [getattr(space, f) for f, info in type(space).model_fields.items()
+                if info.annotation in (ConfigRef, ConfigRef | None)]  # every field typed ConfigRef
+        for ref in refs:
             for alt in () if ref is None else (ref,) if isinstance(ref, str) else ref:
                 keys.update(t for t in re.split(r"[*/]", alt.replace(" ", "")) if t and not t.isdigit())
     return keys
