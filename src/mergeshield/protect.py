@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Self
@@ -403,6 +404,8 @@ class _Plan(Mapping[str, Transform]):
         self.instances = {inst.id: inst for inst in ordered if self._enabled(inst)}
         self._clamped: dict[str, int] = {}
         """Scale factors bounded, per instance."""
+        self._scale_sums: dict[str, list[float]] = {}
+        """Per scale instance, its distances (squared: before, after, base) as `measure` adds them."""
         self.checked: set[str] = set()
         """Model tensors planning has read and checked (dtype, NaN/Inf)."""
         self._done: dict[str, tuple[Transform, InstanceReport]] = {}
@@ -476,6 +479,10 @@ class _Plan(Mapping[str, Transform]):
         """Plan whatever no tensor asked for yet; the transforms, reports and notes in key order."""
         transforms = [self[iid] for iid in self.instances]
         reports = [self._done[iid][1] for iid in self.instances]
+        for k, r in enumerate(reports):  # the scales' distances, as `measure` summed them
+            if r.id in self._scale_sums:
+                task2, after2, base2 = self._scale_sums[r.id]
+                reports[k] = dataclasses.replace(r, task_norm=task2**0.5, dist_after=after2**0.5, base_norm=base2**0.5)
         notes = list(self.notes)
         clamped = sum(self._clamped.values())
         if clamped:
@@ -547,11 +554,11 @@ class _Plan(Mapping[str, Transform]):
 
     def _plan_scales(self, inst: SpaceInstance) -> tuple[Transform, InstanceReport]:
         space = inst.space
-        model_at, base_at = str(self.model.folder), str(self.base.folder)
-        # NaN/Inf are found by the distances below (as in `_plan`): the bounds tolerate them
+        model_at = str(self.model.folder)
+        # Only the bounds read the values here; the distances (and with them the NaN/Inf check of
+        # both models' values) are taken as the tensors are written (`measure`). The bounds
+        # tolerate NaN/Inf.
         tuned = {bt.name: _of_float_dtype(self.model.get(bt.name, own_map=True), bt.name, model_at) for bt in inst.tensors}
-        pre = {bt.name: _of_float_dtype(self.base.get(self.names[bt.name], own_map=True), self.names[bt.name], base_at)
-               for bt in inst.tensors}
         assert isinstance(space, ScaleSpace)
         rng = _instance_rng(self.options.seed, inst.id)
         factors = sample_factors(rng, inst.size, self.options.scale_low, self.options.scale_high, self.options.scale_law)
@@ -569,40 +576,57 @@ class _Plan(Mapping[str, Transform]):
             transform = Transform(inst.id, matrices=make(rng, inst, self.options))
             kind = "per-head mixing" if space.rope == "none" else "per-pair rotation and scale (RoPE)"
             detail = f"{kind}, condition <= {self.options.scale_high / self.options.scale_low:.3g}"
-        # The distance before (the differences' squares) doubles as the NaN/Inf check of both
-        # models' bound values: a NaN or Inf in either makes it non-finite.
-        task2, after2, base2 = _scale_distances(tuned, pre, inst, transform)
-        if not math.isfinite(task2 + after2 + base2):
-            for bt in inst.tensors:  # raises for the first tensor with a NaN/Inf
-                _checked(tuned[bt.name], bt.name, model_at)
-                _checked(pre[bt.name], self.names[bt.name], base_at)
-            # finite values whose half-precision runs (or float32 squares) overflowed: in float64
-            task2, after2, base2 = _scale_distances(tuned, pre, inst, transform, exact=True)
-        # a tensor is checked whole only if the instance binds all of it
-        self.checked.update(bt.name for bt in inst.tensors if bt.binding.chunk is None)
-        return transform, InstanceReport(inst.id, f"scale-{space.role}", task2**0.5, after2**0.5, base2**0.5, detail)
+        self._scale_sums[inst.id] = [0.0, 0.0, 0.0]
+        # distances filled in by `measure`
+        return transform, InstanceReport(inst.id, f"scale-{space.role}", 0.0, 0.0, 0.0, detail)
+
+    def measure(self, name: str, t: torch.Tensor) -> None:
+        """Add the model tensor `name` (`t`, as stored) to the distances of the scale instances
+        that bind it, reading its base counterpart. Called from the main thread as it reaches
+        the tensor, which takes this work off the planner thread, protect's critical path (7B,
+        six alternating pairs of `benchmarks/peak_rss_protect.py`: 43.7, 38.3, 37.2, 37.7, 37.9,
+        37.9 s against 43.5, 42.2, 39.2, 40.4, 39.7, 38.7 s). The distance before (the
+        differences' squares) doubles as the NaN/Inf check of both tensors' bound values (a NaN
+        or Inf in either makes it non-finite): a tensor some instance binds whole is then
+        checked."""
+        whole = False
+        for inst in self.bound.by_tensor.get(name, ()):
+            if inst.id not in self.instances or not isinstance(inst.space, ScaleSpace):
+                continue
+            transform = self[inst.id]
+            where = str(self.model.folder), str(self.base.folder)
+            p = _of_float_dtype(self.base.get(self.names[name], own_map=True), self.names[name], where[1])
+            _of_float_dtype(t, name, where[0])
+            for bt in inst.tensors:
+                if bt.name != name:
+                    continue
+                d = _scale_distance(t, p, bt.binding, inst, transform)
+                if not math.isfinite(sum(d)):
+                    _checked(t, name, where[0])  # raises for a NaN/Inf
+                    _checked(p, self.names[name], where[1])
+                    # finite values whose half-precision runs (or float32 squares) overflowed
+                    d = _scale_distance(t, p, bt.binding, inst, transform, exact=True)
+                sums = self._scale_sums[inst.id]
+                for k in range(3):
+                    sums[k] += d[k]
+                whole = whole or bt.binding.chunk is None
+        if whole:
+            self.checked.add(name)
 
 
-def _scale_distances(tuned: dict[str, torch.Tensor], pre: dict[str, torch.Tensor], inst: SpaceInstance,
-                     transform: Transform, exact: bool = False) -> tuple[float, float, float]:
-    """``(||tuned - pre||^2, ||transformed tuned - pre||^2, ||pre||^2)`` over a scale instance's
-    bound tensors (`_scaled_distances` per tensor; mixing matrices applied in float32), in float64
-    with `exact`."""
-    task2 = after2 = base2 = 0.0
-    for bt in inst.tensors:
-        # fused tensors (GPT-2 c_attn) appear once per chunk: measure only the chunk
-        if transform.matrices is None:
-            d = _scaled_distances(axis_view(tuned[bt.name], bt.binding), axis_view(pre[bt.name], bt.binding),
-                                  bt.binding, expand_factors(inst, transform.factors, bt.binding.layout), exact)
-        else:
-            wide = torch.float64 if exact else None
-            t_c, p_c = (_to_compute(x) if wide is None else x.to(wide) for x in (tuned[bt.name], pre[bt.name]))
-            new = apply_transform(t_c, bt.binding, inst, transform)
-            pv = axis_view(p_c, bt.binding)
-            d = (float(((axis_view(t_c, bt.binding) - pv) ** 2).sum()),
-                 float(((axis_view(new, bt.binding) - pv) ** 2).sum()), float((pv**2).sum()))
-        task2, after2, base2 = task2 + d[0], after2 + d[1], base2 + d[2]
-    return task2, after2, base2
+def _scale_distance(t: torch.Tensor, p: torch.Tensor, binding: Binding, inst: SpaceInstance, transform: Transform,
+                    exact: bool = False) -> tuple[float, float, float]:
+    """``(||t - p||^2, ||transformed t - p||^2, ||p||^2)`` over one binding of a scale instance
+    (its chunk of a fused tensor such as GPT-2's c_attn): `_scaled_distances` for factors, the
+    mixing matrices applied in float32; in float64 with `exact`."""
+    if transform.matrices is None:
+        return _scaled_distances(axis_view(t, binding), axis_view(p, binding), binding,
+                                 expand_factors(inst, transform.factors, binding.layout), exact)
+    t_c, p_c = (x.to(torch.float64) if exact else _to_compute(x) for x in (t, p))
+    new = apply_transform(t_c, binding, inst, transform)
+    pv = axis_view(p_c, binding)
+    return (float(((axis_view(t_c, binding) - pv) ** 2).sum()), float(((axis_view(new, binding) - pv) ** 2).sum()),
+            float((pv**2).sum()))
 
 
 def _feature_square_sums(pre: torch.Tensor | UnitParts, tuned: torch.Tensor | UnitParts,
@@ -813,18 +837,22 @@ def _transformed(
     inverse: bool = False,
     prune: tuple[float, int] | None = None,
     checked: Container[str] = (),
+    measure: Callable[[str, torch.Tensor], None] | None = None,
 ) -> Callable[[str], torch.Tensor]:
     """``produce(name)`` for `rewrite_checkpoint`: the tensor with every transform applied.
 
     `transforms` in key order: a list, or a mapping by instance id (a `_Plan` plans each one
     when first looked up). ``prune=(rate, seed)`` zeroes a random fraction of each transformed
-    tensor first. Tensors in `checked` (read and checked by planning) are not checked again.
+    tensor first. Tensors in `checked` (read and checked by planning, or by `measure`) are not
+    checked again. `measure(name, t)` sees every tensor as stored, first.
     """
     by_id = transforms if isinstance(transforms, Mapping) else {t.instance_id: t for t in transforms}
     rank = {iid: k for k, iid in enumerate(by_id)}
 
     def produce(name: str) -> torch.Tensor:
         t = ckpt.get(name)
+        if measure is not None:
+            measure(name, t)
         todo = sorted(
             (
                 (inst, bt.binding)
@@ -982,7 +1010,8 @@ def protect(
         names = _check_base(model, base, bound)
         # refuses impossible options before writing; planning stops before the inputs close
         with _Plan(model, base, bound, names, options) as plan:
-            produce = _transformed(model, bound, plan, prune=(options.prune_rate, options.seed), checked=plan.checked)
+            produce = _transformed(model, bound, plan, prune=(options.prune_rate, options.seed), checked=plan.checked,
+                                   measure=plan.measure)
             meta = {
                 "family": bound.family.name,
                 "model_type": model.model_type,
