@@ -50,6 +50,9 @@ def _corrupt_ft(ft: Path, how: str) -> None:
         (ft / "config.json").unlink()
     elif how == "bad_config_json":
         (ft / "config.json").write_text("{not json")
+    elif how == "config_transformers_refuses":  # valid JSON, every size there, a value of the wrong type
+        cfg = json.loads((ft / "config.json").read_text())
+        (ft / "config.json").write_text(json.dumps({**cfg, "hidden_act": 3}))
     elif how == "config_without_model_type":
         (ft / "config.json").write_text(json.dumps({"hidden_size": 4}))
     elif how == "missing_weights":
@@ -100,6 +103,7 @@ CASES = {
     "missing_config": (CheckpointError, "config.json"),
     "bad_config_json": (CheckpointError, "JSON"),
     "config_without_model_type": (CheckpointError, "model_type"),
+    "config_transformers_refuses": (CheckpointError, "transformers cannot read it"),
     "missing_weights": (CheckpointError, "no weights found"),
     "truncated": (CheckpointError, "truncated or corrupt"),
     "garbage_header": (CheckpointError, "truncated or corrupt"),

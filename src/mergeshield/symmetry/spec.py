@@ -38,8 +38,6 @@ __all__ = [
     "SpaceInstance",
     "BoundModel",
     "bind",
-    "config_keys",
-    "names_every_key",
     "resolve_config",
 ]
 
@@ -155,31 +153,6 @@ class FamilySpec(_Frozen):
 
 # --------------------------------------------------------------------------------------------
 # Binding a description to a checkpoint
-
-
-def config_keys(family: FamilySpec) -> set[str]:
-    """Every config key (dotted for sub-configs) the description reads: its requirements and
-    each alternative of every size reference."""
-    keys = set(family.config_requirements)
-    for space in family.spaces:
-        refs = [getattr(space, f) for f, info in type(space).model_fields.items()
-                if info.annotation in (ConfigRef, ConfigRef | None)]  # every field typed ConfigRef
-        for ref in refs:
-            for alt in () if ref is None else (ref,) if isinstance(ref, str) else ref:
-                keys.update(t for t in re.split(r"[*/]", alt.replace(" ", "")) if t and not t.isdigit())
-    return keys
-
-
-def names_every_key(config: Mapping[str, Any], keys: Iterable[str]) -> bool:
-    """Whether `config` gives every key (dotted paths) a value other than null: binding then reads
-    nothing a library default could have filled in."""
-    for key in keys:
-        value: Any = config
-        for part in key.split("."):
-            if not isinstance(value, Mapping) or value.get(part) is None:
-                return False
-            value = value[part]
-    return True
 
 
 def resolve_config(config: Mapping[str, Any], ref: ConfigRef) -> int:
