@@ -24,8 +24,7 @@ from collections import deque
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Self
 
@@ -64,9 +63,7 @@ from mergeshield.io.checkpoint import (
 )
 from mergeshield.io.naming import match_names
 from mergeshield.symmetry.registry import family_for_model_type
-from mergeshield.symmetry.spec import (
-    Binding, BoundModel, BoundTensor, HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance, bind,
-)
+from mergeshield.symmetry.spec import Binding, BoundModel, BoundTensor, HeadPermutationSpace, PermutationSpace, ScaleSpace, SpaceInstance, bind
 
 __all__ = [
     "ProtectOptions",
@@ -366,8 +363,9 @@ class _Plan(Mapping[str, Transform]):
     than at the writer's next `Checkpoint.release`: peak RSS 1.34-1.55 against 1.86-2.18 GiB at
     Llama-2-7B's shape, 3.92-4.11 against 4.70-4.74 GiB at Llama-2-70B's layer width
     (`benchmarks/peak_rss_protect.py`, README "Scale and speed"). Each instance's random draw is
-    keyed by its id, so the order does not change the result. `finish` gives the transforms, reports and notes in key order. Use it as a
-    context manager: leaving it waits for the plan in progress (it reads the checkpoints)."""
+    keyed by its id, so the order does not change the result. `finish` gives the transforms,
+    reports and notes in key order. Use it as a context manager: leaving it waits for the plan
+    in progress (it reads the checkpoints)."""
 
     def __init__(
         self, model: Checkpoint, base: Checkpoint, bound: BoundModel, names: dict[str, str], options: ProtectOptions
@@ -402,7 +400,7 @@ class _Plan(Mapping[str, Transform]):
         self._scale_sums: dict[str, list[float]] = {}
         """Per scale instance, its distances (squared: before, after, base) as `measure` adds them."""
         self.checked: set[str] = set()
-        """Model tensors planning has read and checked (dtype, NaN/Inf)."""
+        """Model tensors planning or `measure` has read and checked (dtype, NaN/Inf)."""
         self._done: dict[str, tuple[Transform, InstanceReport]] = {}
         # Every instance is planned in this one thread, in the order asked (`ahead`, then
         # lookups), so planning the next layers overlaps with writing this one. (Two planner
@@ -477,7 +475,7 @@ class _Plan(Mapping[str, Transform]):
         for k, r in enumerate(reports):  # the scales' distances, as `measure` summed them
             if r.id in self._scale_sums:
                 task2, after2, base2 = self._scale_sums[r.id]
-                reports[k] = dataclasses.replace(r, task_norm=task2**0.5, dist_after=after2**0.5, base_norm=base2**0.5)
+                reports[k] = replace(r, task_norm=task2**0.5, dist_after=after2**0.5, base_norm=base2**0.5)
         notes = list(self.notes)
         clamped = sum(self._clamped.values())
         if clamped:
@@ -584,28 +582,26 @@ class _Plan(Mapping[str, Transform]):
         differences' squares) doubles as the NaN/Inf check of both tensors' bound values (a NaN
         or Inf in either makes it non-finite): a tensor some instance binds whole is then
         checked."""
-        whole = False
-        for inst in self.bound.by_tensor.get(name, ()):
-            if inst.id not in self.instances or not isinstance(inst.space, ScaleSpace):
-                continue
+        bindings = [(inst, bt.binding) for inst in self.bound.by_tensor.get(name, ())
+                    if inst.id in self.instances and isinstance(inst.space, ScaleSpace)
+                    for bt in inst.tensors if bt.name == name]
+        if not bindings:
+            return
+        model_at, base_at = str(self.model.folder), str(self.base.folder)
+        _of_float_dtype(t, name, model_at)
+        p = _of_float_dtype(self.base.get(self.names[name], own_map=True), self.names[name], base_at)
+        for inst, binding in bindings:
             transform = self[inst.id]
-            where = str(self.model.folder), str(self.base.folder)
-            p = _of_float_dtype(self.base.get(self.names[name], own_map=True), self.names[name], where[1])
-            _of_float_dtype(t, name, where[0])
-            for bt in inst.tensors:
-                if bt.name != name:
-                    continue
-                d = _scale_distance(t, p, bt.binding, inst, transform)
-                if not math.isfinite(sum(d)):
-                    _checked(t, name, where[0])  # raises for a NaN/Inf
-                    _checked(p, self.names[name], where[1])
-                    # finite values whose half-precision runs (or float32 squares) overflowed
-                    d = _scale_distance(t, p, bt.binding, inst, transform, exact=True)
-                sums = self._scale_sums[inst.id]
-                for k in range(3):
-                    sums[k] += d[k]
-                whole = whole or bt.binding.chunk is None
-        if whole:
+            d = _scale_distance(t, p, binding, inst, transform)
+            if not math.isfinite(sum(d)):
+                _checked(t, name, model_at)  # raises for a NaN/Inf
+                _checked(p, self.names[name], base_at)
+                # finite values whose half-precision runs (or float32 squares) overflowed
+                d = _scale_distance(t, p, binding, inst, transform, exact=True)
+            sums = self._scale_sums[inst.id]
+            for k in range(3):
+                sums[k] += d[k]
+        if any(binding.chunk is None for _, binding in bindings):
             self.checked.add(name)
 
 
@@ -613,7 +609,7 @@ def _scale_distance(t: torch.Tensor, p: torch.Tensor, binding: Binding, inst: Sp
                     exact: bool = False) -> tuple[float, float, float]:
     """``(||t - p||^2, ||transformed t - p||^2, ||p||^2)`` over one binding of a scale instance
     (its chunk of a fused tensor such as GPT-2's c_attn): `_scaled_distances` for factors, the
-    mixing matrices applied in float32; in float64 with `exact`."""
+    mixing matrices applied in float32 (float64 weights: float64); in float64 with `exact`."""
     if transform.matrices is None:
         return _scaled_distances(axis_view(t, binding), axis_view(p, binding), binding,
                                  expand_factors(inst, transform.factors, binding.layout), exact)

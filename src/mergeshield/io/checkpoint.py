@@ -513,7 +513,7 @@ class Checkpoint:
         `own_map` the tensor gets a mapping of its own (opening one took 0.1 ms here, an ad-hoc
         timing), unmapped as soon as the tensor is freed. For a reader that holds a few large
         tensors for a while (protect's planner): their pages then leave resident memory with
-        them, not at the next `release`."""
+        them, not at the next `release`. (A ``.bin`` shard gives a fresh copy either way.)"""
         shard = self._where.get(name)
         if shard is None:
             raise CheckpointError(f"{self.folder}: no tensor {name!r}")
