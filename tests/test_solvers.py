@@ -272,6 +272,28 @@ def test_farthest_assignment_returns_the_sum_of_its_chosen_costs(solver, product
     assert abs(chosen - want) <= tol * scale, (chosen, want)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("side", ["pre", "tuned"])
+@pytest.mark.parametrize("solver", [s for s in SOLVERS if s != "auto"])
+def test_non_finite_costs_are_refused_before_solving(solver, side, value):
+    """protect's planner no longer checks the features for NaN/Inf before solving (the report's
+    sums, which did, are taken on the main thread): every solver that multiplies costs must
+    refuse non-finite ones (a LAP solver given NaN may return anything); random multiplies none."""
+    from mergeshield.core.assignment import NonFiniteCosts, farthest_assignment
+
+    pre, tuned = _features(300, 16, 0)
+    (pre if side == "pre" else tuned)[123, 5] = value
+
+    def run() -> tuple[np.ndarray, float | None]:
+        return farthest_assignment(pre, tuned, solver, block_size=64, candidates=8, rng=np.random.default_rng(0))
+
+    if solver == "random":
+        assert sorted(run()[0].tolist()) == list(range(300))
+    else:
+        with pytest.raises(NonFiniteCosts):
+            run()
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from mergeshield.core.numeric import SQUARES_EXACT_BELOW, all_finite, runs_square_sum, square_sums
 from mergeshield.core.assignment import (
     GramAccumulator,
+    NonFiniteCosts,
     SPARSE_CANDIDATES,
     UnitParts,
     choose_solver,
@@ -528,13 +529,18 @@ class _Plan(Mapping[str, Transform]):
             base2, tuned2, task2 = _feature_square_sums(f_pre, f_tuned, exact=True)
         # a tensor is checked whole only if the instance binds all of it
         self.checked.update(bt.name for bt in inst.tensors if bt.binding.chunk is None)
-        perm, chosen = farthest_assignment(f_pre, f_tuned, solver, rng=_instance_rng(self.options.seed, inst.id),
-                                           products=products, block_size=self.options.block_size,
-                                           candidates=self.options.candidates, device=self.device)
+        kwargs = {"rng": _instance_rng(self.options.seed, inst.id), "block_size": self.options.block_size,
+                  "candidates": self.options.candidates, "device": self.device}
+        try:
+            perm, chosen = farthest_assignment(f_pre, f_tuned, solver, products=products, **kwargs)
+        except NonFiniteCosts:  # finite weights whose products overflowed (bfloat16 near 1e38):
+            products = torch.float64  # lapjvr refused such costs ("infeasible or overflow")
+            perm, chosen = farthest_assignment(f_pre, f_tuned, solver, products=products, **kwargs)
         transform = Transform(inst.id, perm=perm)
         moved = float((perm != np.arange(len(perm))).mean())
         what = "heads (distances before scaling)" if units else "units"
-        how = [*(["bfloat16 products"] if products and solver in ("block", "sparse") else []),
+        wide = str(products).removeprefix("torch.")
+        how = [*([f"{wide} products"] if products and solver in ("block", "sparse") else []),
                *([f"costs on {self.device}"] if self.device.type != "cpu" and solver != "random" else [])]
         paren = f" ({', '.join(how)})" if how else ""
         detail = f"{solver} solver{paren}, {moved:.0%} {what} moved"
