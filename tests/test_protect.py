@@ -526,6 +526,7 @@ def test_factor_bounds_shortcut_bounds_exactly_what_the_per_index_ranges_bound(e
     (torch.float16, 30000.0, "block", "mlp.up_proj", "model.mlp.0"),
     (torch.bfloat16, 1e38, "random", "mlp.up_proj", "model.mlp.0"),
     (torch.bfloat16, 1e38, "block", "mlp.up_proj", "model.mlp.0"),
+    (torch.bfloat16, 1e38, "sparse", "mlp.gate_proj", "model.mlp.0"),
     (torch.bfloat16, 1e38, "exact", "mlp.down_proj", "model.mlp.0"),
     (torch.float16, 30000.0, "auto", "self_attn.v_proj", "model.vo.0"),
     (torch.bfloat16, 1e38, "auto", "self_attn.v_proj", "model.vo.0"),
@@ -536,8 +537,8 @@ def test_half_precision_norms_that_overflow_are_not_taken_for_nan(dtype, peak, s
     narrow dtype overflow. protect must tell that from a NaN/Inf weight (no error) and report the
     instance's distances as float64 gives them. MLP: float16 weights (features in float32, where
     the norms do not overflow) and bfloat16 ones at 1e38 (the runs overflow and the sums are
-    taken again in float64; the block solver's bfloat16 costs overflow too and are multiplied
-    again in float64; `random` multiplies no costs, and its distance after would overflow in
+    taken again in float64; the block and sparse solvers' bfloat16 costs overflow too and are
+    multiplied again in float64; `random` multiplies no costs, and its distance after would overflow in
     bfloat16 features, so only the distance before and the base norm are checked there). Attention
     (V/O scales): the half-precision runs overflow in both dtypes and are taken again in float64."""
     import importlib

@@ -272,6 +272,20 @@ def test_farthest_assignment_returns_the_sum_of_its_chosen_costs(solver, product
     assert abs(chosen - want) <= tol * scale, (chosen, want)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1e7, 1e40])
+def test_sparse_assignment_of_costs_of_any_size_reaches_the_optimum(scale):
+    """lapmod refuses costs of 1e6 or more (lap.LARGE): large weights give such costs, so they
+    are scaled into its range (the optimum is the same); small ones are left alone."""
+    from mergeshield.core import assignment
+
+    rng = np.random.default_rng(3)
+    cost = rng.random((60, 60)) * scale
+    rows, cols = (x.ravel() for x in np.indices(cost.shape))
+    perm = assignment.sparse_assignment(rows, cols, cost[rows, cols], 60)
+    r, c = linear_sum_assignment(cost)
+    np.testing.assert_allclose(cost[np.arange(60), perm].sum(), cost[r, c].sum(), rtol=1e-9)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("side", ["pre", "tuned"])
 @pytest.mark.parametrize("solver", [s for s in SOLVERS if s != "auto"])

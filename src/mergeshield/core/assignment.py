@@ -415,12 +415,23 @@ def _sparse(pre: torch.Tensor, tuned: torch.Tensor, k: int, products: torch.dtyp
     return perm, float(cost_e[chosen].sum())
 
 
+SPARSE_COST_SPAN = 1e5
+"""The widest range of costs handed to lapmod (below its limit ``lap.LARGE``, 1e6, with room)."""
+
+
 def sparse_cost_matrix(rows: np.ndarray, cols: np.ndarray, cost: np.ndarray, n: int):  # -> scipy csr_matrix
     """The edges as an ``n x n`` CSR matrix with sorted indices, costs shifted to >= 1 (scipy
-    drops explicit zeros; lapmod has no sign constraint; the optimum is the same)."""
+    drops explicit zeros) and, where they span more than `SPARSE_COST_SPAN`, scaled into it
+    (lapmod refuses values of ``lap.LARGE``, 1e6, or more: costs of large weights, e.g. a
+    model's with values of a few units, or the float64 retake of overflowing ones). A positive
+    scale and a shift keep the optimum."""
     from scipy.sparse import csr_matrix
 
-    m = csr_matrix((cost - cost.min() + 1.0, (rows, cols)), shape=(n, n))
+    shifted = cost - cost.min()
+    span = float(shifted.max()) if len(shifted) else 0.0
+    if span > SPARSE_COST_SPAN:
+        shifted = shifted * (SPARSE_COST_SPAN / span)
+    m = csr_matrix((shifted + 1.0, (rows, cols)), shape=(n, n))
     m.sort_indices()
     return m
 
