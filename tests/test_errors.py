@@ -138,7 +138,7 @@ def test_bad_model_is_refused_clearly_and_leaves_nothing(pair, tmp_path, how):
     ("ft", "model.layers.0.mlp.gate_proj.weight", float("nan")),
     ("base", "model.layers.1.mlp.down_proj.weight", float("inf")),
 ])
-def test_non_finite_attention_weight_in_either_model_is_refused(pair, tmp_path, side, name, value):
+def test_non_finite_bound_weight_in_either_model_is_refused(pair, tmp_path, side, name, value):
     """The attention scales and the MLP permutations find NaN/Inf through their distance sums (no
     separate pass): a bad value in the model's or the base's bound tensors is still refused,
     naming the tensor."""

@@ -9,7 +9,6 @@ feature vectors (each unit's rows and columns across every bound tensor, concate
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from mergeshield.core.numeric import all_finite
 from mergeshield.symmetry.spec import Binding
 
 __all__ = [
@@ -79,15 +79,8 @@ class NonFiniteCosts(ArithmeticError):
 
 
 def _require_finite(costs: np.ndarray | torch.Tensor) -> None:
-    """Raise NonFiniteCosts for a NaN or infinity among `costs`, by their float64 sum (NaN or
-    infinite if one is, and no float64 sum of float32-range values overflows): one pass, no
-    mask."""
-    if isinstance(costs, torch.Tensor):
-        total = float(costs.sum(dtype=torch.float64))
-    else:
-        with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, as wanted
-            total = float(costs.sum())
-    if not math.isfinite(total):
+    """Raise NonFiniteCosts for a NaN or infinity among `costs` (`all_finite`)."""
+    if not all_finite(torch.as_tensor(costs)):
         raise NonFiniteCosts("assignment costs hold NaN/Inf values")
 
 
