@@ -3,7 +3,8 @@
 Generates a synthetic base and a "fine-tune" (base + small noise) with a Llama layout
 (default: TinyLlama-1.1B's shape, about 1.1B parameters; ``--shape 7b`` for Llama-2-7B's;
 ``--shape 70b-2layers`` for two layers of Llama-2-70B's width),
-sharded safetensors in bfloat16, then measures, each in a fresh subprocess:
+sharded safetensors in bfloat16 (``--dtype float16`` for float16, as Llama-2-7B itself is stored;
+its checkpoints go to folders named ``SHAPE-f16-*``), then measures, each in a fresh subprocess:
 
 - ``copy``: read every tensor and write it back (the disk floor the issue measures against);
 - ``copy2``: the same, also reading (one memory copy) every base tensor protect reads, with the
@@ -18,7 +19,8 @@ With ``--cold`` every timed run starts with the inputs' pages dropped from the p
 (``os.sync`` then ``POSIX_FADV_DONTNEED`` on each file of both checkpoints): the runs then read the
 disk, as the issue's "1-1.5 minutes to read and write 13.5 GB" did, instead of memory.
 
-Usage: ``python benchmarks/bench_protect.py --work /tmp/bench --out bench.json [--shape 7b] [--device cuda] [--cold]``.
+Usage: ``python benchmarks/bench_protect.py --work /tmp/bench --out bench.json [--shape 7b] [--dtype float16]
+[--device cuda] [--cold]``.
 Not a test: numbers depend on the machine; ratios within one run are what to compare.
 """
 
@@ -48,13 +50,20 @@ SHAPES = {
 }
 
 
-def make_checkpoints(work: Path, shape: str, seed: int = 0) -> tuple[Path, Path]:
-    """Write base/ and ft/ (bfloat16, 2 GB shards) one tensor at a time."""
+def prefix(shape: str, dtype: str = "bfloat16") -> str:
+    """The checkpoints' folder names start with this (bfloat16 ones keep their old names)."""
+    return shape if dtype == "bfloat16" else f"{shape}-f16"
+
+
+def make_checkpoints(work: Path, shape: str, seed: int = 0, dtype: str = "bfloat16") -> tuple[Path, Path]:
+    """Write base/ and ft/ (`dtype`: bfloat16 or float16; 2 GB shards) one tensor at a time. The
+    values are drawn in float32 and rounded to `dtype`, so both dtypes hold the same model."""
     import torch
     from safetensors.torch import save_file
 
+    stored = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     cfg = dict(SHAPES[shape], model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
-               max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="bfloat16")
+               max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype=dtype)
     h, m, L, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
@@ -68,7 +77,7 @@ def make_checkpoints(work: Path, shape: str, seed: int = 0) -> tuple[Path, Path]
         })
     out = []
     for name, noise in (("base", 0.0), ("ft", 0.02)):
-        folder = work / f"{shape}-{name}"
+        folder = work / f"{prefix(shape, dtype)}-{name}"
         out.append(folder)
         if (folder / "model.safetensors.index.json").exists():
             continue
@@ -90,7 +99,7 @@ def make_checkpoints(work: Path, shape: str, seed: int = 0) -> tuple[Path, Path]
             t = torch.ones(s) if len(s) == 1 else torch.randn(s, generator=g) * 0.02
             if noise:
                 t = t + noise * t.abs().mean() * torch.randn(s, generator=torch.Generator().manual_seed(j + 7))
-            t = t.to(torch.bfloat16)
+            t = t.to(stored)
             shard[n] = t
             size += t.numel() * 2
             total += t.numel() * 2
@@ -165,6 +174,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="scratch folder for checkpoints (needs disk)")
     ap.add_argument("--out", type=Path, default=Path("bench_protect.json"))
     ap.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="the checkpoints' dtype")
     ap.add_argument("--solvers", default="auto,sparse,block,random", help="protect solvers to time (exact is slow at 7b)")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="rounds of copy + protect runs (medians are reported)")
@@ -178,13 +188,13 @@ def main() -> None:
     work = args.work
     parts = set(args.parts.split(","))
     work.mkdir(parents=True, exist_ok=True)
-    base, ft = make_checkpoints(work, args.shape)
+    base, ft = make_checkpoints(work, args.shape, dtype=args.dtype)
     from mergeshield.io.checkpoint import Checkpoint
 
     n_params = sum(int(torch.Size(s).numel()) for s in Checkpoint(ft).shapes().values())
     results: dict[str, object] = {"shape": args.shape, "params_b": n_params / 1e9, "cpus": os.cpu_count(),
-                                  "device": args.device}
-    print(f"{args.shape}: {n_params / 1e9:.2f}B parameters, bfloat16, {len(Checkpoint(ft).shards)} shard(s)")
+                                  "device": args.device, "dtype": args.dtype}
+    print(f"{args.shape}: {n_params / 1e9:.2f}B parameters, {args.dtype}, {len(Checkpoint(ft).shards)} shard(s)")
 
     if "protect" in parts:
         # imports (about 2 s) and deleting the previous run's output are left out of the timings;
@@ -253,7 +263,7 @@ def main() -> None:
         fp = unit_features([(bc.get(bt.name).float(), bt.binding) for bt in inst.tensors])
         ff = unit_features([(fc.get(bt.name).float(), bt.binding) for bt in inst.tensors])
         ident = permutation_objective(fp, ff, np.arange(inst.size))
-        # as protect does for these bfloat16 checkpoints: block costs in bfloat16 where the CPU has it
+        # as protect does for these half-precision checkpoints: block costs in bfloat16 where the CPU has it
         products = torch.bfloat16 if native_bfloat16() else torch.float32
         results["block_products"] = str(products)
         objective: dict[str, dict[str, float]] = {}
@@ -283,7 +293,7 @@ def main() -> None:
 
         import yaml
 
-        ft2 = work / f"{args.shape}-ft-b"
+        ft2 = work / f"{prefix(args.shape, args.dtype)}-ft-b"
         if not ft2.exists():
             shutil.copytree(ft, ft2)
         for method, ours, theirs in (("task_arithmetic", "make_method('task_arithmetic', lam=0.8)", {"lambda": 0.8}),
@@ -293,7 +303,7 @@ def main() -> None:
                 f"merge_checkpoints(r'{base}', [r'{ft}', r'{ft2}'], r'{work / 'm_ours'}', {ours}, overwrite=True, progress=False)"
             )
             per_model = {"weight": 1.0} if method == "task_arithmetic" else {"weight": 1.0, "density": 0.2}
-            cfg = {"merge_method": method, "base_model": str(base), "parameters": theirs, "dtype": "bfloat16",
+            cfg = {"merge_method": method, "base_model": str(base), "parameters": theirs, "dtype": args.dtype,
                    "models": [{"model": str(ft), "parameters": per_model}, {"model": str(ft2), "parameters": per_model}]}
             (work / "mk.yaml").write_text(yaml.safe_dump(cfg))
             shutil.rmtree(work / "m_mk", ignore_errors=True)

@@ -13,7 +13,9 @@ It also times the block solver's cost product in float32 and bfloat16, and the u
 of a Llama-2-7B-shaped MLP (the down projection's columns are a transposed copy) with one
 transposing copy and in `TRANSPOSE_ROWS`-row blocks, and compares the block solver on bfloat16-rounded
 weights with float32 products, bfloat16 products, and bfloat16 products of bfloat16 features
-(protect's way for a bfloat16 checkpoint: the sort keys are then bfloat16 products too).
+(protect's way for a bfloat16 checkpoint: the sort keys are then bfloat16 products too), and
+the same for float16-rounded weights (protect keeps float16 features and multiplies them in
+bfloat16 where that is native).
 
 With ``--smollm2``, the same for a second stand-in from a Llama-architecture model: six of
 SmolLM2-135M-Instruct's MLP layers pooled (9216 units).
@@ -77,13 +79,13 @@ def main() -> None:
     for name, pre, tuned in minilm_layers(args.noise):
         pooled.append((pre, tuned))
         _shares(name, pre, tuned)
-        _bfloat16_variants(name, pre, tuned)
+        _half_variants(name, pre, tuned)
     # no large real MLP ships with a package: as a stand-in for one, the units of all six layers
     # as one layer (their statistics differ from layer to layer, as units in a large layer do)
     pre, tuned = (torch.cat(x) for x in zip(*pooled))
     exact = _shares(f"all{pre.shape[0]}", pre, tuned, larger_blocks=True)
     _where_partners_are(pre, tuned, exact)
-    _bfloat16_variants(f"all{pre.shape[0]}", pre, tuned)
+    _half_variants(f"all{pre.shape[0]}", pre, tuned)
     if args.smollm2:
         # a second stand-in, from a Llama-architecture model (SwiGLU: gate and up rows, down
         # columns): every fifth of SmolLM2-135M's 30 MLP layers (1536 units each) pooled. Its
@@ -93,20 +95,24 @@ def main() -> None:
         _where_partners_are(pre, tuned, exact)
 
 
-def _bfloat16_variants(name: str, pre: torch.Tensor, tuned: torch.Tensor) -> None:
-    """What protect does for a bfloat16 checkpoint: the same features rounded to bfloat16 (as the
-    checkpoint would hold them), block costs multiplied in float32, in bfloat16, and in bfloat16
-    from bfloat16 features (protect's way: the sort keys are then bfloat16 products too)."""
-    p16, t16 = pre.to(torch.bfloat16).float(), tuned.to(torch.bfloat16).float()
-    best16 = permutation_objective(p16, t16, farthest_permutation(p16.double(), t16.double(), "exact"))
-    for label, features, products in (("block-f32", torch.float32, torch.float32),
-                                      ("block-bf16", torch.float32, torch.bfloat16),
-                                      ("block-bf16f", torch.bfloat16, torch.bfloat16)):
-        t = time.perf_counter()
-        perm = farthest_permutation(p16.to(features), t16.to(features), "block", products=products)
-        sec = time.perf_counter() - t
-        share = permutation_objective(p16, t16, perm) / best16
-        print(f"{name:<10} {label:<11} {sec:8.3f} {share:16.6f}  (bfloat16-rounded weights; share of their exact objective)")
+def _half_variants(name: str, pre: torch.Tensor, tuned: torch.Tensor) -> None:
+    """What protect does for a half-precision checkpoint: the same features rounded to bfloat16,
+    then to float16 (as the checkpoint would hold them), block costs multiplied in float32, in
+    bfloat16, and in bfloat16 from features kept in the stored dtype (protect's way where the
+    CPU multiplies bfloat16 natively: for bfloat16 the sort keys are then bfloat16 products
+    too; float16 features are rounded to bfloat16 a block at a time for the products)."""
+    for half in (torch.bfloat16, torch.float16):
+        short = "bf16" if half == torch.bfloat16 else "f16"
+        p16, t16 = pre.to(half).float(), tuned.to(half).float()
+        best16 = permutation_objective(p16, t16, farthest_permutation(p16.double(), t16.double(), "exact"))
+        for label, features, products in ((f"block-{short}-f32", torch.float32, torch.float32),
+                                          (f"block-{short}-bf16", torch.float32, torch.bfloat16),
+                                          (f"block-{short}-bf16f", half, torch.bfloat16)):
+            t = time.perf_counter()
+            perm = farthest_permutation(p16.to(features), t16.to(features), "block", products=products)
+            sec = time.perf_counter() - t
+            share = permutation_objective(p16, t16, perm) / best16
+            print(f"{name:<10} {label:<15} {sec:8.3f} {share:16.6f}  ({half}-rounded weights; share of their exact objective)")
 
 
 def minilm_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:

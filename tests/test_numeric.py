@@ -57,7 +57,7 @@ def test_pow2_bounds_along_any_axis_keep_every_slice_exact(dtype, shape, seed):
                 assert torch.equal(y.double() / 2.0 ** float(e), x), (axis, i, e)
 
 
-_TOL = {torch.bfloat16: 2e-3, torch.float16: 3e-4, torch.float32: 1e-6, torch.float64: 1e-12}
+_TOL = {torch.bfloat16: 2e-3, torch.float16: 1e-5, torch.float32: 1e-6, torch.float64: 1e-12}
 
 
 @pytest.mark.parametrize("dtype", list(_TOL))
@@ -65,9 +65,9 @@ _TOL = {torch.bfloat16: 2e-3, torch.float16: 3e-4, torch.float32: 1e-6, torch.fl
 @pytest.mark.parametrize("runs", [True, False])
 def test_square_sums_match_float64(dtype, shape, runs, monkeypatch):
     """The sums of squares behind the report's distances (and protect's NaN/Inf check of MLP
-    weights): by norms of runs in the stored dtype (forced here on small tensors; the
-    difference a few rows at a time) or in float64, they must match the float64 definition, on
-    views too, and any NaN/Inf must make them non-finite."""
+    weights): by norms of runs in the stored dtype (float16: float32 pieces, as exact as float32)
+    (forced here on small tensors; the difference a few rows at a time) or in float64, they must
+    match the float64 definition, on views too, and any NaN/Inf must make them non-finite."""
     from mergeshield.core import numeric
 
     if runs:

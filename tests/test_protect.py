@@ -448,11 +448,14 @@ def test_block_size_and_candidates_trade_objective_for_time_and_the_whole_layer_
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("fast", [True, False])
-def test_report_distances_are_the_distances_of_the_written_weights(family, fast, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_report_distances_are_the_distances_of_the_written_weights(family, fast, dtype, tmp_path, monkeypatch):
     """Every instance's distances in the report (before, after, base norm) against the same
-    norms taken in float64 from the files protect read and wrote, for a bfloat16 model. With
-    `fast` the half-precision fast paths (sums of squares by norms of runs, scaled distances in
-    the stored dtype, the chosen costs of bfloat16 products) are forced on these small tensors."""
+    norms taken in float64 from the files protect read and wrote, for a bfloat16 and a float16
+    model. With `fast` the half-precision fast paths (sums of squares by norms of runs, scaled
+    distances in the stored dtype, the chosen costs of bfloat16 products: of float16 features
+    rounded to bfloat16 a block at a time) are forced on these small tensors, also on a CPU
+    without native bfloat16."""
     import importlib
 
     from mergeshield.core import numeric
@@ -462,16 +465,20 @@ def test_report_distances_are_the_distances_of_the_written_weights(family, fast,
     if fast:
         monkeypatch.setattr(numeric, "SQUARES_EXACT_BELOW", 0)
         monkeypatch.setattr(protect_module, "SQUARES_EXACT_BELOW", 0)
+        monkeypatch.setattr(protect_module, "native_bfloat16", lambda: True)
     base_model = build(family, 0)
-    save(base_model, tmp_path / "base", dtype=torch.bfloat16)
-    save(build(family, 1, finetune_of=base_model), tmp_path / "ft", dtype=torch.bfloat16)
+    save(base_model, tmp_path / "base", dtype=dtype)
+    save(build(family, 1, finetune_of=base_model), tmp_path / "ft", dtype=dtype)
     report = protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(solver="block", block_size=16),
                      progress=False)
     ckpt = Checkpoint(tmp_path / "ft")
     bound = protect_module.bind_checkpoint(ckpt)
     w = {k: _weights(tmp_path / k) for k in ("ft", "base", "out")}
+    from mergeshield.core.assignment import native_bfloat16
     from mergeshield.core.transforms import axis_view
 
+    mlp = [r for r in report.instances if r.kind == "permutation"]
+    assert mlp and all(("bfloat16 products" in r.detail) == (fast or native_bfloat16()) for r in mlp), mlp
     for r in report.instances:
         (inst,) = [i for i in bound.instances if i.id == r.id]
         got = {"task": 0.0, "after": 0.0, "base": 0.0}
@@ -535,12 +542,12 @@ def test_half_precision_norms_that_overflow_are_not_taken_for_nan(dtype, peak, s
                                                                   monkeypatch):
     """Weights near the dtype's maximum: every value is finite, but norms of their runs in a
     narrow dtype overflow. protect must tell that from a NaN/Inf weight (no error) and report the
-    instance's distances as float64 gives them. MLP: float16 weights (features in float32, where
-    the norms do not overflow) and bfloat16 ones at 1e38 (the runs overflow and the sums are
+    instance's distances as float64 gives them. MLP: float16 weights at 30000 (their squares
+    overflow float16; its sums are float32 dot products, which do not) and bfloat16 ones at 1e38 (the runs overflow and the sums are
     taken again in float64; the block and sparse solvers' bfloat16 costs overflow too and are
     multiplied again in float64; `random` multiplies no costs, and its distance after would overflow in
     bfloat16 features, so only the distance before and the base norm are checked there). Attention
-    (V/O scales): the half-precision runs overflow in both dtypes and are taken again in float64."""
+    (V/O scales): the bfloat16 runs overflow and are taken again in float64."""
     import importlib
 
     from mergeshield.core import numeric
@@ -559,7 +566,11 @@ def test_half_precision_norms_that_overflow_are_not_taken_for_nan(dtype, peak, s
     save(base_model, tmp_path / "base", dtype=dtype)
     save(ft_model, tmp_path / "ft", dtype=dtype)
     big = Checkpoint(tmp_path / "ft").get(f"model.layers.0.{weight}.weight")
-    assert torch.isfinite(big).all() and not np.isfinite(numeric.runs_square_sum(big))  # narrow runs overflow
+    assert torch.isfinite(big).all() and not torch.isfinite(big.square()).all()
+    if dtype == torch.bfloat16:  # narrow runs overflow
+        assert not np.isfinite(numeric.runs_square_sum(big))
+    else:  # float16 sums in float32
+        np.testing.assert_allclose(numeric.runs_square_sum(big), float(big.double().square().sum()), rtol=1e-6)
     report = protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(solver=solver, block_size=16),
                      progress=False)
     (r,) = [r for r in report.instances if r.id == instance]
