@@ -338,3 +338,24 @@ def test_costs_multiplied_on_a_device_give_the_cpu_objective(device, solver, pro
     if device == "cpu":
         assert np.array_equal(perm, ref_perm)
 
+
+
+@pytest.mark.parametrize(("steps", "extra"), [(0, 1), (1, -1), (1, 0), (1, 1), (3, 5)])
+def test_float16_features_convert_to_bfloat16_products_bit_for_bit(steps, extra):
+    """`to_products` converts float16 features to bfloat16 through float32 a few rows at a time:
+    the bits must be torch's direct conversion's, for every float16 value (normal, subnormal,
+    largest, signed zeros, Inf, NaN) and any row count around the step; other dtypes pass through."""
+    from mergeshield.core.assignment import CONVERT_ROWS, to_products
+
+    rows = steps * CONVERT_ROWS + extra
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)  # all 65536 bit patterns
+    x = every[torch.randperm(len(every), generator=torch.Generator().manual_seed(rows))][: rows * 97].reshape(rows, 97)
+    got = to_products(x, torch.bfloat16, torch.device("cpu"))
+    want = x.to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and got.shape == x.shape
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
+    for dtype, products in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float16, torch.float32)):
+        y = x[:, :5].to(dtype)
+        assert torch.equal(to_products(y, products, torch.device("cpu")).nan_to_num(), y.to(products).nan_to_num())
