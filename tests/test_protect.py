@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -130,10 +131,66 @@ def test_half_precision_is_exact_and_keeps_dtype(tmp_path, dtype):
     assert {t.dtype for t in w.values()} == {dtype}
     assert all(torch.isfinite(t).all() for t in w.values())
     assert verify(tmp_path / "ft", tmp_path / "out", rtol=1e-5).equivalent
-    # power-of-two factors make the round trip bit-exact
+    # power-of-two factors make the round trip bit-exact (float16: up to the rounding of values
+    # below its smallest normal, `test_float16_subnormals_round_or_keep_the_scales_exact`)
     unprotect(tmp_path / "out", tmp_path / "k", tmp_path / "back", progress=False)
     a, b = _weights(tmp_path / "ft"), _weights(tmp_path / "back")
-    assert all(torch.equal(a[n], b[n]) for n in a)
+    if dtype == torch.bfloat16:
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    for n in a:  # whatever differs is a float16 value below its smallest normal times 2^4
+        differs = a[n] != b[n]
+        assert torch.all(a[n][differs].float().abs() < 2.0**-14 * 2**4), n
+        assert torch.all((a[n].float() - b[n].float()).abs() <= 2.0 ** (4 - 25)), n
+
+
+@pytest.mark.parametrize("mode", ["round", "keep"])
+def test_float16_subnormals_round_or_keep_the_scales_exact(mode, tmp_path):
+    """float16 weights with a value below float16's smallest normal (6.1e-5) in every row and
+    column of every attention matrix, as real float16 weights of a few thousand values per row
+    have. ``keep`` (exact) must then bound every Q/K and V/O factor to 1: the scales do nothing
+    (what every float16 checkpoint got before `half_subnormals`), and unprotect is bit-exact.
+    ``round`` must scale (as bfloat16 would), keep the function (verify), say so in a note, and
+    restore through unprotect every value to within the note's bound, the tiny values only."""
+    base = build("llama", 0)
+    ft = build("llama", 1, finetune_of=base)
+    with torch.no_grad():
+        for m in (base, ft):
+            for layer in m.model.layers:
+                for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj):
+                    w = lin.weight
+                    rows = torch.arange(w.shape[0])
+                    w[rows, rows % w.shape[1]] = 3e-6  # subnormal in float16: every row ...
+                    cols = torch.arange(w.shape[1])
+                    w[cols % w.shape[0], cols] = -5e-6  # ... and every column
+    save(base, tmp_path / "base", dtype=torch.float16)
+    save(ft, tmp_path / "ft", dtype=torch.float16)
+    report = protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", ProtectOptions(half_subnormals=mode),
+                     key_out=tmp_path / "k", progress=False)
+    scales = [r for r in report.instances if r.kind.startswith("scale-")]
+    assert scales
+    notes = " ".join(report.notes)
+    if mode == "keep":
+        assert all(r.detail == "factors 1..1" for r in scales), [r.detail for r in scales]
+        assert all(r.ratio == pytest.approx(1.0) for r in scales)
+        assert "round the values" not in notes
+    else:
+        assert all(r.ratio > 2 for r in scales), [(r.id, r.ratio) for r in scales]
+        m = re.search(r"down to 2\^-(\d+) round .* at most 2\^(-?\d+)", notes)
+        assert m and int(m[2]) == int(m[1]) - 25, notes
+    assert verify(tmp_path / "ft", tmp_path / "out", rtol=1e-4).equivalent
+    unprotect(tmp_path / "out", tmp_path / "k", tmp_path / "back", progress=False)
+    a, b = _weights(tmp_path / "ft"), _weights(tmp_path / "back")
+    if mode == "keep":
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    else:
+        bound = 2.0 ** int(m[2])
+        rounded = 0
+        for n in a:
+            differs = a[n] != b[n]
+            rounded += int(differs.sum())
+            assert torch.all(a[n][differs].float().abs() < 2.0**-14 * 2.0 ** int(m[1])), n
+            assert torch.all((a[n].float() - b[n].float()).abs() <= bound), n
+        assert rounded > 0  # the planted values were scaled down somewhere
 
 
 @pytest.mark.parametrize("quantize", ["auto", "none"])
@@ -491,12 +548,14 @@ def test_report_distances_are_the_distances_of_the_written_weights(family, fast,
                                    [got["task"] ** 0.5, got["after"] ** 0.5, got["base"] ** 0.5], rtol=2e-3, err_msg=r.id)
 
 
+@pytest.mark.parametrize("round_float16", [False, True])
 @pytest.mark.parametrize("extreme", [None, "big", "small"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_factor_bounds_shortcut_bounds_exactly_what_the_per_index_ranges_bound(extreme, dtype, tmp_path):
+def test_factor_bounds_shortcut_bounds_exactly_what_the_per_index_ranges_bound(extreme, dtype, round_float16, tmp_path):
     """Half-precision scale factors are bounded per index; protect first tries whole-tensor
     ranges, which stand only where they bound nothing: the bounded exponents must be those of
-    the per-index ranges, with values near the dtype's largest or smallest present or not."""
+    the per-index ranges, with values near the dtype's largest or smallest present or not, and
+    with float16's small values allowed to round (then only overflow bounds; bfloat16 stays exact)."""
     import importlib
 
     from mergeshield.core.scales import pow2_exponent_bounds
@@ -515,10 +574,15 @@ def test_factor_bounds_shortcut_bounds_exactly_what_the_per_index_ranges_bound(e
         elif extreme == "small":
             tensors[name][2, 3] = info.tiny * 4
         exps = np.random.default_rng(k).integers(-4, 5, inst.size)
-        lo, hi = protect_module._factor_bounds(ckpt, inst, tensors, exps)
+        lo, hi = protect_module._factor_bounds(ckpt, inst, tensors, exps, round_float16)
         want_lo, want_hi = np.full(inst.size, -1000), np.full(inst.size, 1000)
+        keep = not (round_float16 and dtype == torch.float16)
         for bt in inst.tensors:
-            r_lo, r_hi = pow2_exponent_bounds(axis_view(tensors[bt.name], bt.binding), dtype, axis=bt.binding.axis)
+            r_lo, r_hi = pow2_exponent_bounds(axis_view(tensors[bt.name], bt.binding), dtype, axis=bt.binding.axis,
+                                              keep_small=keep)
+            if not keep:  # only the overflow bound: the same upper bound as the exact ranges'
+                e_lo, e_hi = pow2_exponent_bounds(axis_view(tensors[bt.name], bt.binding), dtype, axis=bt.binding.axis)
+                assert np.all(r_lo == -1000) and np.array_equal(r_hi, e_hi) and np.all(e_lo >= r_lo)
             if bt.binding.inverse:
                 r_lo, r_hi = -r_hi, -r_lo
             owner = expand_factors(inst, np.arange(inst.size, dtype=np.float64), bt.binding.layout).astype(np.int64)

@@ -131,6 +131,7 @@ def protect(
     block_size: Annotated[int, typer.Option(help="Units per block of the block solver (larger: nearer the exact objective, slower).")] = _D["block_size"].default,
     candidates: Annotated[int, typer.Option(help="Cheapest columns per row (and rows per column) the sparse solver keeps (more: nearer the exact objective, slower).")] = _D["candidates"].default,
     device: Annotated[str, typer.Option(help="Where the MLP assignment's costs are multiplied: cpu | cuda | cuda:N (not yet run on a GPU by this project).")] = _D["device"].default,
+    half_subnormals: Annotated[str, typer.Option(help="float16 scales: round (values under 6.1e-5 scaled down lose their lowest bits; unprotect not bit-exact) | keep (exact; most factors then bounded to 1).")] = _D["half_subnormals"].default,
     prune_rate: Annotated[float, typer.Option(help="Zero this fraction of transformed weights (changes the function).")] = _D["prune_rate"].default,
     key_out: Annotated[Path | None, typer.Option(help="Write a key file here (keep it private; not inside --out).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output once the new one is complete.")] = False,
@@ -143,7 +144,7 @@ def protect(
         seed=seed, permute_mlp=permute_mlp, scale_qk=scale_qk, scale_vo=scale_vo,
         scale_low=scale_low, scale_high=scale_high, scale_law=scale_law,  # type: ignore[arg-type]
         scale_quantize=scale_quantize, prune_rate=prune_rate, solver=solver, block_size=block_size, candidates=candidates, device=device,  # type: ignore[arg-type]
-        mix_vo=mix_vo,
+        mix_vo=mix_vo, half_subnormals=half_subnormals,  # type: ignore[arg-type]
         permute_heads=permute_heads, mix_qk=mix_qk, permute_residual=permute_residual,
     )
     report = _protect(model_dir, base, out_dir, options, key_out=key_out, overwrite=overwrite, progress=not quiet)

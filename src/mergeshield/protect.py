@@ -132,6 +132,15 @@ class ProtectOptions(BaseModel):
     assignments themselves are solved on the CPU). Not yet run on a GPU by this project (none
     was lent): the path is the CPU's torch code on another device, tested on the CPU only. A
     GPU's products round differently, so its permutation for a seed may differ from the CPU's."""
+    half_subnormals: Literal["round", "keep"] = "round"
+    """float16 power-of-two scales: ``round`` lets a factor 2^-k scale down values that are (or
+    become) smaller than float16's smallest normal, 6.1e-5, which rounds away their lowest bits
+    (each moves by at most 2^(k-25): 1.2e-7 at 1/8); the outputs stay within float16's own
+    rounding (`verify`) and `unprotect` restores those values to within the same bound, not
+    bit-exact. ``keep`` is exact, but a row or column holding such a value can then only be
+    scaled up, so a Q/K or V/O pair whose both sides hold one keeps factor 1: in float16 weights
+    of a few thousand values per row (Llama-2-7B's) nearly every pair does, and the scales
+    protect nothing. bfloat16 (float32's exponent range) and float32 are exact either way."""
     prune_rate: float = Field(0.0, ge=0.0, lt=1.0)
     """PaRaMS' dropout-based pruning against adaptive attackers: zero this fraction of the
     entries of every transformed tensor (random, seeded per tensor) before rearranging, without
@@ -294,9 +303,11 @@ def _check_base(model: Checkpoint, base: Checkpoint, bound: BoundModel) -> dict[
 
 
 def _factor_bounds(
-    model: Checkpoint, inst: SpaceInstance, tensors: dict[str, torch.Tensor], exps: np.ndarray
+    model: Checkpoint, inst: SpaceInstance, tensors: dict[str, torch.Tensor], exps: np.ndarray,
+    round_float16: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exponent range per free factor keeping every bound half-precision tensor exact.
+    """Exponent range per free factor keeping every bound half-precision tensor exact (with
+    `round_float16`, float16 tensors' only against overflow: `ProtectOptions.half_subnormals`).
 
     Whole-tensor ranges (`pow2_exponent_range`, a third of the time) come first: where they already
     admit every drawn exponent in `exps`, they are the answer (safe for every index, and no
@@ -305,8 +316,10 @@ def _factor_bounds(
     hi = np.full(inst.size, 1000, dtype=np.int64)
     half = [bt for bt in inst.tensors if model.dtype(bt.name) in HALF_DTYPES]
     whole_lo, whole_hi = -1000, 1000
+    keep = {bt.name: not (round_float16 and model.dtype(bt.name) == torch.float16) for bt in half}
     for bt in half:
-        r_lo, r_hi = pow2_exponent_range(axis_view(tensors[bt.name], bt.binding), model.dtype(bt.name))
+        r_lo, r_hi = pow2_exponent_range(axis_view(tensors[bt.name], bt.binding), model.dtype(bt.name),
+                                         keep_small=keep[bt.name])
         if bt.binding.inverse:  # these rows are multiplied by 2**-e
             r_lo, r_hi = -r_hi, -r_lo
         whole_lo, whole_hi = max(whole_lo, r_lo), min(whole_hi, r_hi)
@@ -314,7 +327,8 @@ def _factor_bounds(
         return lo.clip(whole_lo, None), hi.clip(None, whole_hi)
     for bt in half:
         dtype = model.dtype(bt.name)
-        r_lo, r_hi = pow2_exponent_bounds(axis_view(tensors[bt.name], bt.binding), dtype, axis=bt.binding.axis)
+        r_lo, r_hi = pow2_exponent_bounds(axis_view(tensors[bt.name], bt.binding), dtype, axis=bt.binding.axis,
+                                          keep_small=keep[bt.name])
         if bt.binding.inverse:  # these rows are multiplied by 2**-e
             r_lo, r_hi = -r_hi, -r_lo
         # map expanded rows back to their free factor: expand the free index itself
@@ -397,6 +411,7 @@ class _Plan(Mapping[str, Transform]):
         ordered = sorted(bound.instances, key=lambda i: isinstance(i.space, HeadPermutationSpace))
         self.instances = {inst.id: inst for inst in ordered if self._enabled(inst)}
         self._clamped: dict[str, int] = {}
+        self._rounding: dict[str, int] = {}  # per instance: the lowest exponent scaling float16 values
         """Scale factors bounded, per instance."""
         self._scale_sums: dict[str, list[float]] = {}
         """Per scale instance, its distances (squared: before, after, base) as `measure` adds them."""
@@ -482,7 +497,16 @@ class _Plan(Mapping[str, Transform]):
         if clamped:
             notes.append(
                 f"{clamped} scale factor(s) were bounded so that no float16/bfloat16 weight overflows "
-                "or becomes subnormal"
+                "(or, where kept exact, moves into or within the subnormal range)"
+            )
+        deepest = -min(self._rounding.values(), default=0)
+        if deepest > 0:
+            notes.append(
+                f"float16: scale factors down to 2^-{deepest} round the values they scale below float16's "
+                f"smallest normal (6.1e-5), each by at most 2^{deepest - 25} = {2.0 ** (deepest - 25):.2g}: "
+                "the outputs stay within float16's own rounding (check with verify); unprotect restores "
+                "those values to within that, not bit-exact (--half-subnormals keep: exact, but then "
+                "nearly every Q/K and V/O factor of real float16 weights is bounded to 1)"
             )
         return transforms, reports, notes
 
@@ -567,10 +591,13 @@ class _Plan(Mapping[str, Transform]):
         factors = sample_factors(rng, inst.size, self.options.scale_low, self.options.scale_high, self.options.scale_law)
         if self.quantize == "pow2":
             exps = np.round(np.log2(factors)).astype(np.int64)
-            lo, hi = _factor_bounds(self.model, inst, tuned, exps)
+            round_float16 = self.options.half_subnormals == "round"
+            lo, hi = _factor_bounds(self.model, inst, tuned, exps, round_float16)
             ok = lo <= hi
             bounded = np.where(ok, np.clip(exps, lo, hi), 0)
             self._clamped[inst.id] = int((bounded != exps).sum())
+            if round_float16 and any(self.model.dtype(bt.name) == torch.float16 for bt in inst.tensors):
+                self._rounding[inst.id] = int(min(bounded.min(initial=0), (-bounded).min(initial=0)))
             factors = np.exp2(bounded.astype(np.float64))
         transform = Transform(inst.id, factors=factors)
         detail = f"factors {factors.min():.3g}..{factors.max():.3g}"

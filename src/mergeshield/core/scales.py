@@ -33,7 +33,7 @@ def sample_factors(rng: np.random.Generator, n: int, low: float, high: float, la
 
 
 def pow2_exponent_bounds(
-    t: torch.Tensor, dtype: torch.dtype, headroom_bits: int = 8, axis: int = 0
+    t: torch.Tensor, dtype: torch.dtype, headroom_bits: int = 8, axis: int = 0, keep_small: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per index along `axis`, the range of exponents e such that its slice ``* 2**e`` stays
     exactly representable.
@@ -47,6 +47,9 @@ def pow2_exponent_bounds(
         t: values in the checkpoint's dtype; one scaled index per element of `axis`.
         dtype: the checkpoint dtype.
         axis: the scaled axis (reduced over the others where they lie: no transposed copy).
+        keep_small: with False only the overflow bound is taken: the smallest values may then
+            round (those that are or become subnormal lose their lowest bits when scaled
+            down), and are not read. For float16, see `ProtectOptions.half_subnormals`.
 
     Returns:
         ``(lo, hi)`` int64 arrays; ``lo > hi`` where no exponent but 0 is safe.
@@ -54,6 +57,8 @@ def pow2_exponent_bounds(
     a = t.to(dtype).abs()  # extremes are exact in the stored dtype: no wider copy needed
     others = tuple(d for d in range(a.ndim) if d != axis)
     big = (a.amax(dim=others) if others else a).double().numpy()
+    if not keep_small:
+        return _bounds(big, None, dtype, headroom_bits)
     a.masked_fill_(a == 0, float("inf"))
     small = (a.amin(dim=others) if others else a).double().numpy()
     return _bounds(big, small, dtype, headroom_bits)
@@ -65,7 +70,8 @@ wrapped in one buffer that stays in the CPU cache, instead of four passes over t
 a masked copy of it (see `pow2_exponent_range` for the timings)."""
 
 
-def pow2_exponent_range(t: torch.Tensor, dtype: torch.dtype, headroom_bits: int = 8) -> tuple[int, int]:
+def pow2_exponent_range(t: torch.Tensor, dtype: torch.dtype, headroom_bits: int = 8,
+                        keep_small: bool = True) -> tuple[int, int]:
     """`pow2_exponent_bounds` for the whole tensor at once: exponents safe for every element
     (so for every index; narrower than an index's own range). From the largest magnitude and the
     smallest nonzero one, read off the raw bits, `POW2_CHUNK` values at a time: on a Llama-2-7B
@@ -92,18 +98,24 @@ def pow2_exponent_range(t: torch.Tensor, dtype: torch.dtype, headroom_bits: int 
         a = t.abs()
         nonzero = a[a > 0]
         small = float(nonzero.min()) if nonzero.numel() else float("inf")
-    lo, hi = _bounds(np.array([big]), np.array([small]), dtype, headroom_bits)
+    lo, hi = _bounds(np.array([big]), np.array([small]) if keep_small else None, dtype, headroom_bits)
     return int(lo[0]), int(hi[0])
 
 
-def _bounds(big: np.ndarray, small: np.ndarray, dtype: torch.dtype, headroom_bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exponent ranges from the largest magnitudes and the smallest nonzero ones (inf: none)."""
+def _bounds(big: np.ndarray, small: np.ndarray | None, dtype: torch.dtype,
+            headroom_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exponent ranges from the largest magnitudes and the smallest nonzero ones (inf: none;
+    None: no lower bound, the small values may round)."""
     info = torch.finfo(dtype)
     # a NaN or Inf (callers check for them after planning) bounds like the largest value
     big = np.maximum(np.nan_to_num(big, nan=info.max, posinf=info.max), info.tiny)
     hi = np.floor(np.log2(info.max / 2.0**headroom_bits / big))
+    if small is None:
+        return np.full(hi.shape, -1000, dtype=np.int64), hi.clip(-1000, 1000).astype(np.int64)
     with np.errstate(divide="ignore"):
         lo = np.where(np.isfinite(small), np.ceil(np.log2(info.tiny / np.where(np.isfinite(small), small, 1.0))), -np.inf)
-    # An original subnormal value cannot move down without losing bits (nor is it safer up).
-    lo = np.maximum(lo, np.where(small < info.tiny, 0, lo))
+    # An original subnormal value cannot move down without losing bits; up it moves exactly
+    # (its few bits fit any exponent), so only the overflow bound limits it. (Before, such an
+    # index was required to move up until the value was normal: stricter than exactness needs.)
+    lo = np.where(small < info.tiny, 0, lo)
     return lo.clip(-1000, 1000).astype(np.int64), hi.clip(-1000, 1000).astype(np.int64)
