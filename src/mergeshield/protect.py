@@ -95,8 +95,9 @@ class ProtectOptions(BaseModel):
     scale_law: ScaleLaw = "uniform"
     scale_quantize: Literal["auto", "none", "pow2"] = "auto"
     """``auto``: powers of two for float16/bfloat16 checkpoints (exact in any binary float
-    format, so the protected half-precision model computes bit-for-bit the same products),
-    continuous factors for float32/float64."""
+    format, so the protected half-precision model computes bit-for-bit the same products; its
+    sums, rearranged, still round differently in float16 arithmetic), continuous factors for
+    float32/float64."""
     permute_heads: bool = False
     """Beyond PaRaMS: reorder each layer's attention heads (K/V heads with their query-head
     groups under GQA) by the assignment farthest from the base, after the scales. Off by
