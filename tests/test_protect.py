@@ -649,3 +649,23 @@ def test_half_precision_norms_that_overflow_are_not_taken_for_nan(dtype, peak, s
         np.testing.assert_allclose([r.task_norm, r.base_norm], np.sqrt([got[0], got[2]]), rtol=1e-4)
     else:
         np.testing.assert_allclose([r.task_norm, r.dist_after, r.base_norm], np.sqrt(got), rtol=1e-4)
+
+
+def test_verify_computes_in_the_dtype_asked(tmp_path):
+    """verify computes both models in float32 unless asked for float16/bfloat16 (as a
+    half-precision checkpoint is run): a protected float16 model agrees to float32 rounding in
+    float32, and only to half-precision rounding in float16 (its rearranged sums round
+    differently there); an unknown dtype is refused by name."""
+    base = build("llama", 0)
+    save(base, tmp_path / "base", dtype=torch.float16)
+    save(build("llama", 1, finetune_of=base), tmp_path / "ft", dtype=torch.float16)
+    protect(tmp_path / "ft", tmp_path / "base", tmp_path / "out", progress=False)
+    r32 = verify(tmp_path / "ft", tmp_path / "out", generate_tokens=0)
+    r16 = verify(tmp_path / "ft", tmp_path / "out", generate_tokens=0, dtype="float16")
+    assert r32.dtype == "float32" and "computed in float32" in r32.table() and r32.equivalent
+    assert r16.dtype == "float16" and "computed in float16" in r16.table()
+    assert r16.diffs[0].max_abs > 10 * r32.diffs[0].max_abs, (r16.diffs, r32.diffs)
+    same = verify(tmp_path / "ft", tmp_path / "ft", generate_tokens=0, dtype="bfloat16")
+    assert same.equivalent and same.diffs[0].max_abs == 0
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        verify(tmp_path / "ft", tmp_path / "out", dtype="int8")

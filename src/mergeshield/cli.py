@@ -181,6 +181,7 @@ def verify(
     rtol: Annotated[float, typer.Option(help="Largest allowed max|a-b|/max|a| per output.")] = 1e-4,
     generate: Annotated[int, typer.Option(help="Greedy tokens to compare for causal LMs.")] = 16,
     seed: Annotated[int, typer.Option(help="Seed for random probes.")] = 0,
+    dtype: Annotated[str, typer.Option(help="Compute in float32 | float16 | bfloat16 (half precision rounds rearranged sums differently: loosen --rtol).")] = "float32",
 ) -> None:
     """Exit 0 if both models compute the same outputs within tolerance, 1 if not."""
     from mergeshield.verify import verify as _verify
@@ -190,7 +191,7 @@ def verify(
         lines = [ln for ln in texts.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not lines:
             raise MergeShieldError(f"{texts}: no non-empty lines to use as probes")
-    report = _verify(original_dir, protected_dir, texts=lines, rtol=rtol, generate_tokens=generate, seed=seed)
+    report = _verify(original_dir, protected_dir, texts=lines, rtol=rtol, generate_tokens=generate, seed=seed, dtype=dtype)
     out.print(report.table(), highlight=False)
     raise typer.Exit(0 if report.equivalent else 1)
 

@@ -48,6 +48,8 @@ class VerifyReport:
     generations_equal: bool | None = None
     generations: list[tuple[str, str]] = field(default_factory=list)
     rtol: float = 1e-4
+    dtype: str = "float32"
+    """What both models computed in."""
 
     @property
     def equivalent(self) -> bool:
@@ -57,7 +59,7 @@ class VerifyReport:
         return ok and self.generations_equal is not False and bool(self.diffs)
 
     def table(self) -> str:
-        lines = [f"architecture: {self.architecture}; probe: {self.probe}; rtol {self.rtol:g}"]
+        lines = [f"architecture: {self.architecture}; probe: {self.probe}; computed in {self.dtype}; rtol {self.rtol:g}"]
         for d in self.diffs:
             top1 = "" if d.top1_agreement is None else f"  top-1 agreement {d.top1_agreement:.3f}"
             lines.append(f"  {d.name:<22} max abs {d.max_abs:.3e}  max rel {d.max_rel:.3e}{top1}")
@@ -155,6 +157,7 @@ def verify(
     rtol: float = 1e-4,
     generate_tokens: int = 16,
     seed: int = 0,
+    dtype: str = "float32",
 ) -> VerifyReport:
     """Compare two checkpoints' outputs on the same probe inputs.
 
@@ -165,17 +168,25 @@ def verify(
         rtol: largest allowed ``max|a - b| / max|a|`` per output.
         generate_tokens: greedy tokens to compare for causal LMs (0 to skip).
         seed: for random probes (token ids, pixels).
+        dtype: what both models compute in: ``float32`` (default: exact transforms then agree to
+            float32 rounding), or ``float16`` / ``bfloat16``, as a half-precision checkpoint is
+            usually run: half-precision arithmetic rounds a rearranged model's sums differently,
+            so expect differences of about its precision there (and greedy continuations that
+            part at near-ties), for the MLP permutation alone too.
 
     Returns:
         A report; ``report.equivalent`` is the verdict.
     """
     original_dir, protected_dir = Path(original_dir), Path(protected_dir)
-    a = load_model(original_dir)
-    b = load_model(protected_dir)
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype {dtype!r}: use one of {sorted(dtypes)}")
+    a = load_model(original_dir, dtypes[dtype])
+    b = load_model(protected_dir, dtypes[dtype])
     if type(a) is not type(b):
         raise MergeShieldError(f"the two folders hold different architectures: {type(a).__name__} vs {type(b).__name__}")
     inputs, probe, tokenizer = _probe_inputs(original_dir, a, texts, seed)
-    report = VerifyReport(type(a).__name__, probe, rtol=rtol)
+    report = VerifyReport(type(a).__name__, probe, rtol=rtol, dtype=dtype)
     with torch.inference_mode():
         out_a, out_b = a(**inputs), b(**inputs)
     mask = inputs.get("attention_mask")
