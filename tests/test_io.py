@@ -158,3 +158,45 @@ def test_own_map_reads_the_same_and_unmaps_with_the_tensor(tmp_path):
     assert mappings() == 1  # the shared mapping lives while a tensor from it does
     del shared
     assert mappings() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_save_as_dtype_rounds_every_float_tensor_and_keeps_the_layout(dtype, tmp_path):
+    """`save_as_dtype` (half-precision eval suites, float16_scales.py): a sharded checkpoint comes
+    back sharded the same way, every float tensor equal to torch's rounding of it, integer
+    tensors untouched, the config naming the dtype, the other files copied; an existing output is
+    refused unless overwriting."""
+    import json
+
+    from safetensors.torch import save_file
+    from tiny_models import build
+    from tiny_models import save as save_model
+
+    from mergeshield.errors import MergeShieldError
+    from mergeshield.io.checkpoint import Checkpoint, save_as_dtype
+
+    src = save_model(build("llama", 0), tmp_path / "src", max_shard_size="20KB")
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) > 2
+    extra = load_file(src / shards[0])
+    extra["ids"] = torch.arange(7, dtype=torch.int64)
+    save_file(extra, src / shards[0], metadata={"format": "pt"})
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    index["weight_map"]["ids"] = shards[0]
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    (src / "notes.txt").write_text("kept")
+    out = save_as_dtype(src, tmp_path / "out", dtype)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == shards
+    a, b = Checkpoint(src), Checkpoint(out)
+    assert sorted(b.names) == sorted(a.names)
+    for name in a.names:
+        x, y = a.get(name), b.get(name)
+        want = x.to(dtype) if x.is_floating_point() else x
+        assert y.dtype == want.dtype and torch.equal(y, want), name
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == str(dtype).removeprefix("torch.")
+    assert (out / "notes.txt").read_text() == "kept"
+    total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+    assert total == sum(b.get(n).numel() * b.get(n).element_size() for n in b.names)
+    with pytest.raises(MergeShieldError):
+        save_as_dtype(src, out, dtype)
+    save_as_dtype(src, out, dtype, overwrite=True)

@@ -79,6 +79,10 @@ class EvalConfig(_Frozen):
     SmolLM2-135M-Instruct (causal), or the self-pretrained ViT built from `vit` (vision)."""
     train_layers: int = 4
     """Causal suite: fine-tune only the last this many decoder layers (CPU budget)."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """The released checkpoints' dtype: with float16 or bfloat16 the base and every fine-tuned
+    model are rounded to it (as such checkpoints are published) before anything is protected,
+    attacked or merged; accuracies are computed in float32 from those weights."""
     vit: ViTPretrain = ViTPretrain()
     """Vision suite: shape and schedule of the self-pretrained ViT (ignored with `base_model`)."""
 

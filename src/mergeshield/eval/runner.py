@@ -27,7 +27,7 @@ from mergeshield.eval.config import EvalConfig, MergeSpec
 from mergeshield.eval.records import Record, Variant
 from mergeshield.eval.text import TextSuite
 from mergeshield.eval.vision import VisionSuite
-from mergeshield.io.checkpoint import Checkpoint
+from mergeshield.io.checkpoint import Checkpoint, save_as_dtype
 from mergeshield.merge.adamerging import adamerging
 from mergeshield.merge.engine import merge_checkpoints
 from mergeshield.merge.methods import make_method
@@ -171,6 +171,12 @@ def run_eval(config: EvalConfig, out_dir: Path, *, cache: Path, log: Callable[[s
     work = Path(tempfile.mkdtemp(prefix="mergeshield-eval-", dir=out_dir))
     mergekit = MergekitWorker(config.seed, work / "mergekit.log")
     try:
+        if config.dtype != "float32":  # released in half precision: everything starts from the rounded models
+            dtype = getattr(torch, config.dtype)
+            base = save_as_dtype(base, work / f"base-{config.dtype}", dtype)
+            for task in list(suite.folders):  # scoring reads each task's model (its head) from here
+                suite.folders[task] = save_as_dtype(suite.folders[task], work / f"{task}-{config.dtype}", dtype)
+            phase(f"base and task models rounded to {config.dtype}")
         # ---- release variants ------------------------------------------------------------------
         variants = [Variant("unprotected", suite.folders[victim], None, None)]
         for d in config.defenses:

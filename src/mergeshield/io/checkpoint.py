@@ -37,6 +37,7 @@ __all__ = [
     "ShardWriter",
     "atomic_output_dir",
     "check_output_path",
+    "save_as_dtype",
     "structural_differences",
     "tensor_digest",
     "fingerprint_of",
@@ -906,3 +907,37 @@ def structural_differences(model: Checkpoint, base: Checkpoint) -> list[str]:
         return out
 
     return walk(model.config, base.config, "")
+
+
+def save_as_dtype(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype,
+                  overwrite: bool = False) -> Path:
+    """A copy of the checkpoint folder `src` with every floating-point tensor rounded to `dtype`
+    (sharded like `src`, one tensor in memory at a time; the config's dtype names it; the other
+    files copied), written atomically to `out`. For publishing or evaluating a checkpoint in
+    half precision. Returns `out`.
+
+    Raises:
+        CheckpointError: `src` is not a readable checkpoint folder, or has ``.bin`` shards.
+    """
+    out = Path(out)
+    name = str(dtype).removeprefix("torch.")
+    with Checkpoint(src) as ckpt, atomic_output_dir(out, overwrite=overwrite) as tmp:
+        if any(shard.fmt != "safetensors" for shard in ckpt.shards):
+            raise CheckpointError(f"{ckpt.folder}: has .bin shards; convert it to safetensors first.")
+        copy_non_weight_files(ckpt, tmp)
+        config = json.loads((ckpt.folder / "config.json").read_text(encoding="utf-8"))
+        config["torch_dtype"] = name  # transformers 4 reads this key
+        if "dtype" in config:  # and 5 writes this one
+            config["dtype"] = name
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        total = 0
+        for shard in ckpt.shards:
+            stored = {n: ckpt.dtype(n) for n in shard.names}
+            specs = {n: (dtype if d.is_floating_point else d, ckpt.shape(n)) for n, d in stored.items()}
+            with ShardWriter(tmp / shard.output_name, specs, ckpt.shard_metadata(shard)) as writer:
+                for n in writer.order:
+                    t = ckpt.get(n).to(specs[n][0])
+                    total += t.numel() * t.element_size()
+                    writer.write(n, t)
+        write_index(tmp, ckpt, total)
+    return out
