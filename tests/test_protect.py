@@ -669,3 +669,6 @@ def test_verify_computes_in_the_dtype_asked(tmp_path):
     assert same.equivalent and same.diffs[0].max_abs == 0
     with pytest.raises(ValueError, match="dtype 'int8'"):
         verify(tmp_path / "ft", tmp_path / "out", dtype="int8")
+    # a model that takes pixels (drawn in float32) computes in float16 too
+    save(build("vit", 0), tmp_path / "vit", dtype=torch.float16)
+    assert verify(tmp_path / "vit", tmp_path / "vit", dtype="float16").equivalent

@@ -136,7 +136,7 @@ class ProtectOptions(BaseModel):
     half_subnormals: Literal["round", "keep"] = "round"
     """float16 power-of-two scales: ``round`` lets a factor 2^-k scale down values that are (or
     become) smaller than float16's smallest normal, 6.1e-5, which rounds away their lowest bits
-    (each moves by at most 2^(k-25): 1.2e-7 at 1/8); the outputs stay within float16's own
+    (each moves by at most 2^(k-25): 2.4e-7 at 1/8); the outputs stay within float16's own
     rounding (`verify`) and `unprotect` restores those values to within the same bound, not
     bit-exact. ``keep`` is exact, but a row or column holding such a value can then only be
     scaled up, so a Q/K or V/O pair whose both sides hold one keeps factor 1: in float16 weights
@@ -412,8 +412,10 @@ class _Plan(Mapping[str, Transform]):
         ordered = sorted(bound.instances, key=lambda i: isinstance(i.space, HeadPermutationSpace))
         self.instances = {inst.id: inst for inst in ordered if self._enabled(inst)}
         self._clamped: dict[str, int] = {}
-        self._rounding: dict[str, int] = {}  # per instance: the lowest exponent scaling float16 values
         """Scale factors bounded, per instance."""
+        self._rounding: dict[str, int] = {}
+        """Per float16 scale instance with `half_subnormals` round: minus the largest k of the
+        factors 2^-k it scales values down by (for the note)."""
         self._scale_sums: dict[str, list[float]] = {}
         """Per scale instance, its distances (squared: before, after, base) as `measure` adds them."""
         self.checked: set[str] = set()
@@ -536,7 +538,7 @@ class _Plan(Mapping[str, Transform]):
         half = next(iter(stored)) if stored in ({torch.bfloat16}, {torch.float16}) else None
         products = torch.bfloat16 if half and (native_bfloat16() or self.device.type == "cuda") else None
         narrow = solver in ("block", "sparse", "random") and torch.float64 not in stored
-        ftype = ((half if products else torch.float32) if narrow else torch.float64)
+        ftype = (half if products else torch.float32) if narrow else torch.float64
         # the block solver gathers a block's features straight from the tensors (`UnitParts`)
         features = UnitParts if solver == "block" else unit_features
         # The features hold the bound values exactly (in a dtype at least as wide), so each

@@ -186,6 +186,8 @@ def verify(
     if type(a) is not type(b):
         raise MergeShieldError(f"the two folders hold different architectures: {type(a).__name__} vs {type(b).__name__}")
     inputs, probe, tokenizer = _probe_inputs(original_dir, a, texts, seed)
+    # pixels in the models' dtype (drawn in float32, so every dtype sees the same images)
+    inputs = {k: v.to(dtypes[dtype]) if v.is_floating_point() else v for k, v in inputs.items()}
     report = VerifyReport(type(a).__name__, probe, rtol=rtol, dtype=dtype)
     with torch.inference_mode():
         out_a, out_b = a(**inputs), b(**inputs)
