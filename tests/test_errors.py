@@ -154,6 +154,27 @@ def test_non_finite_bound_weight_in_either_model_is_refused(pair, tmp_path, side
     assert _snapshot(base, ft) == before
 
 
+@pytest.mark.parametrize("solver", ["block", "exact"])
+def test_mlp_weights_whose_products_overflow_float64_are_refused(tmp_path, solver):
+    """Finite float64 MLP weights so large (1e160) that their products overflow even in float64:
+    no assignment can be computed; refused by name with the magnitude found, nothing written (it
+    raised a bare NonFiniteCosts before, a traceback at the command line)."""
+    base_model = build("llama", 0)
+    ft_model = build("llama", 1, finetune_of=base_model)
+    with torch.no_grad():
+        for m in (base_model, ft_model):
+            m.double()
+            w = m.model.layers[0].mlp.up_proj.weight
+            w.mul_(1e160 / w.abs().max())
+    base, ft = save(base_model, tmp_path / "base"), save(ft_model, tmp_path / "ft")
+    before = _snapshot(base, ft)
+    with pytest.raises(NumericError, match=r"model.mlp.0 .*up_proj.*magnitude 1e\+160.*overflow even in float64"):
+        protect(ft, base, tmp_path / "out", ProtectOptions(solver=solver, block_size=16), key_out=tmp_path / "key",
+                progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "key").exists() and _leftovers(tmp_path) == []
+    assert _snapshot(base, ft) == before
+
+
 def test_base_of_another_width_is_refused(tiny_pair, tmp_path):
     import transformers as T
 

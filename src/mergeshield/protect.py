@@ -567,7 +567,18 @@ class _Plan(Mapping[str, Transform]):
             perm, chosen = farthest_assignment(f_pre, f_tuned, solver, products=products, **kwargs)
         except NonFiniteCosts:  # finite weights whose products overflowed (bfloat16 near 1e38):
             products = torch.float64  # lapjvr refused such costs ("infeasible or overflow")
-            perm, chosen = farthest_assignment(f_pre, f_tuned, solver, products=products, **kwargs)
+            try:
+                perm, chosen = farthest_assignment(f_pre, f_tuned, solver, products=products, **kwargs)
+            except NonFiniteCosts:  # even float64 overflows: no trained model holds such weights
+                big = max(float(w.abs().max()) for ckpt, names in ((self.model, [bt.name for bt in inst.tensors]),
+                                                                  (self.base, [self.names[bt.name] for bt in inst.tensors]))
+                          for w in (ckpt.get(n) for n in names))
+                raise NumericError(
+                    f"{model_at} / {base_at}: the weights of {inst.id} ({', '.join(bt.name for bt in inst.tensors)}) "
+                    f"reach magnitude {big:.3g}: their products overflow even in float64, so no assignment "
+                    "can be computed. No trained model holds such values: the checkpoint is corrupt or was "
+                    "saved wrongly (check how it was exported)."
+                ) from None
         transform = Transform(inst.id, perm=perm)
         moved = float((perm != np.arange(len(perm))).mean())
         what = "heads (distances before scaling)" if units else "units"
