@@ -92,8 +92,9 @@ def test_eval_runs_end_to_end_and_reports(tiny_base, tmp_path):
 
 def test_eval_of_a_float16_release(tiny_base, tmp_path):
     """``dtype: float16``: the base and the task models are rounded to float16 first (a phase of
-    its own), the protected release still scores exactly as the unprotected one alone, and the
-    report says what was released; an unknown dtype is refused by the config."""
+    its own), the protected release still scores exactly as the unprotected one alone, the
+    report says what was released, models are scored in float32; an unknown dtype is refused by
+    the config."""
     from mergeshield.eval.runner import run_eval
 
     cfg = _config(tiny_base, dtype="float16", merges=[dict(method="average")], line_points=0, prune_curve=[],
@@ -105,6 +106,12 @@ def test_eval_of_a_float16_release(tiny_base, tmp_path):
     phases = json.loads((tmp_path / "out" / "extras.json").read_text())["phase_seconds"]
     assert "base and task models rounded to float16" in phases
     assert "Released in **float16**" in (tmp_path / "out" / "report.md").read_text()
+    # scored in float32, as the report says (transformers would load a float16 folder as float16)
+    from mergeshield.eval.text import TextSuite
+    from mergeshield.io.checkpoint import save_as_dtype
+
+    half = save_as_dtype(tiny_base, tmp_path / "half", torch.float16)
+    assert {p.dtype for p in TextSuite._load(None, half).parameters()} == {torch.float32}  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="dtype"):
         _config(tiny_base, dtype="int8")
 

@@ -55,7 +55,8 @@ class TextSuite(ClassifierSuite):
     def _load(self, folder: Path) -> torch.nn.Module:
         from transformers import AutoModelForSequenceClassification
 
-        return AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True)
+        # float32 whatever the checkpoint's dtype (a float16 release is scored in float32, as the causal suite does)
+        return AutoModelForSequenceClassification.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
 
     def _make_batches(self, task: str, batch_size: int) -> list[dict[str, torch.Tensor]]:
         from transformers import AutoTokenizer
