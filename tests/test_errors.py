@@ -357,7 +357,7 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError):
         ProtectOptions(seed=1, colour="red")
     for device in ("gpu", "cuda:x", "mps", ""):
-        with pytest.raises(ValueError, match="use cpu, cuda or cuda:N"):
+        with pytest.raises(ValueError, match="use cpu, cuda, cuda:N or auto"):
             ProtectOptions(device=device)
 
 
@@ -375,6 +375,20 @@ def test_missing_gpu_is_refused_and_leaves_nothing(tiny_pair, tmp_path):
     res = _cli("protect", str(ft), "--base", str(base), "--out", str(tmp_path / "p"), "--device", device, "--quiet")
     assert res.returncode == 2 and "error: device" in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_device_auto_takes_a_gpu_only_where_torch_sees_one(tiny_pair, tmp_path):
+    """``--device auto``: the costs go to a GPU where torch sees one and stay on the CPU otherwise;
+    the key records which (the bytes depend on it), and the report names a GPU when one was used."""
+    from mergeshield.protect import _read_key
+
+    base, ft, _ = tiny_pair("llama")
+    report = protect(ft, base, tmp_path / "p", ProtectOptions(device="auto", solver="block", block_size=16),
+                     key_out=tmp_path / "k", progress=False)
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert _read_key(tmp_path / "k")[1]["device"] == want
+    mlp = [r for r in report.instances if r.kind == "permutation"]
+    assert mlp and all(("costs on cuda" in r.detail) == (want == "cuda") for r in mlp)
 
 
 # ---- the CLI: message, exit code 2, no traceback -------------------------------------------------

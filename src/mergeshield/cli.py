@@ -130,7 +130,7 @@ def protect(
     solver: Annotated[str, typer.Option(help="MLP assignment: auto | exact | sparse | block | greedy | random.")] = _D["solver"].default,
     block_size: Annotated[int, typer.Option(help="Units per block of the block solver (larger: nearer the exact objective, slower).")] = _D["block_size"].default,
     candidates: Annotated[int, typer.Option(help="Cheapest columns per row (and rows per column) the sparse solver keeps (more: nearer the exact objective, slower).")] = _D["candidates"].default,
-    device: Annotated[str, typer.Option(help="Where the MLP assignment's costs are multiplied: cpu | cuda | cuda:N (not yet run on a GPU by this project).")] = _D["device"].default,
+    device: Annotated[str, typer.Option(help="Where the MLP assignment's costs are multiplied: cpu | cuda | cuda:N | auto (a GPU if torch sees one; not yet run on a GPU by this project).")] = _D["device"].default,
     half_subnormals: Annotated[str, typer.Option(help="float16 scales: round (values under 6.1e-5 scaled down lose their lowest bits; unprotect not bit-exact) | keep (exact; most factors then bounded to 1).")] = _D["half_subnormals"].default,
     prune_rate: Annotated[float, typer.Option(help="Zero this fraction of transformed weights (changes the function).")] = _D["prune_rate"].default,
     key_out: Annotated[Path | None, typer.Option(help="Write a key file here (keep it private; not inside --out).")] = None,

@@ -129,7 +129,8 @@ class ProtectOptions(BaseModel):
     the exact objective, at more time (measured in `mergeshield.core.assignment.SPARSE_CANDIDATES`)."""
     device: str = "cpu"
     """Where the MLP assignment's costs are multiplied: ``cpu``, or ``cuda`` / ``cuda:N`` for an
-    NVIDIA GPU (the sparse solver's whole cost matrix is the product a GPU takes; the
+    NVIDIA GPU, or ``auto`` (a GPU where torch sees one, else the CPU; the key records which, since
+    the bytes then depend on the machine) (the sparse solver's whole cost matrix is the product a GPU takes; the
     assignments themselves are solved on the CPU). Not yet run on a GPU by this project (none
     was lent): the path is the CPU's torch code on another device, tested on the CPU only. A
     GPU's products round differently, so its permutation for a seed may differ from the CPU's."""
@@ -150,12 +151,14 @@ class ProtectOptions(BaseModel):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
+        if value == "auto":
+            return value
         try:
             kind = torch.device(value).type
         except (RuntimeError, ValueError):
             kind = None
         if kind not in ("cpu", "cuda"):
-            raise ValueError(f"device {value!r}: use cpu, cuda or cuda:N")
+            raise ValueError(f"device {value!r}: use cpu, cuda, cuda:N or auto")
         return value
 
     @model_validator(mode="after")
@@ -682,7 +685,10 @@ def _feature_square_sums(pre: torch.Tensor | UnitParts, tuned: torch.Tensor | Un
 
 
 def _available_device(name: str) -> torch.device:
-    """`name` as a torch device, refused (DeviceError) when this torch cannot use it."""
+    """`name` as a torch device (``auto``: cuda where torch sees a GPU, else cpu), refused
+    (DeviceError) when this torch cannot use it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise DeviceError(
@@ -1059,6 +1065,7 @@ def protect(
                 "family": bound.family.name,
                 "model_type": model.model_type,
                 "options": options.model_dump(),
+                "device": str(plan.device),  # where the costs were multiplied (`auto` resolved)
             }
 
             def commit_key(fp: str) -> None:
