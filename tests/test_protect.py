@@ -655,7 +655,8 @@ def test_verify_computes_in_the_dtype_asked(tmp_path):
     """verify computes both models in float32 unless asked for float16/bfloat16 (as a
     half-precision checkpoint is run): a protected float16 model agrees to float32 rounding in
     float32, and only to half-precision rounding in float16 (its rearranged sums round
-    differently there); an unknown dtype is refused by name."""
+    differently there), which the report puts beside the original's own float32-vs-float16
+    difference; an unknown dtype is refused by name."""
     base = build("llama", 0)
     save(base, tmp_path / "base", dtype=torch.float16)
     save(build("llama", 1, finetune_of=base), tmp_path / "ft", dtype=torch.float16)
@@ -665,6 +666,9 @@ def test_verify_computes_in_the_dtype_asked(tmp_path):
     assert r32.dtype == "float32" and "computed in float32" in r32.table() and r32.equivalent
     assert r16.dtype == "float16" and "computed in float16" in r16.table()
     assert r16.diffs[0].max_abs > 10 * r32.diffs[0].max_abs, (r16.diffs, r32.diffs)
+    # for scale, the original itself in float32 against float16 (none in float32)
+    assert not r32.baseline and [d.name for d in r16.baseline] == [d.name for d in r16.diffs]
+    assert r16.baseline[0].max_abs > 10 * r32.diffs[0].max_abs and "float16 arithmetic alone" in r16.table()
     same = verify(tmp_path / "ft", tmp_path / "ft", generate_tokens=0, dtype="bfloat16")
     assert same.equivalent and same.diffs[0].max_abs == 0
     with pytest.raises(ValueError, match="dtype 'int8'"):

@@ -50,6 +50,10 @@ class VerifyReport:
     rtol: float = 1e-4
     dtype: str = "float32"
     """What both models computed in."""
+    baseline: list[OutputDiff] = field(default_factory=list)
+    """Half precision only: the original model computed in float32 against itself computed in
+    `dtype`: how far that arithmetic alone moves the outputs (context for choosing `rtol`)."""
+    baseline_generations_equal: bool | None = None
 
     @property
     def equivalent(self) -> bool:
@@ -65,6 +69,13 @@ class VerifyReport:
             lines.append(f"  {d.name:<22} max abs {d.max_abs:.3e}  max rel {d.max_rel:.3e}{top1}")
         if self.generations_equal is not None:
             lines.append(f"  greedy generations identical: {self.generations_equal}")
+        if self.baseline:
+            lines.append(f"  for scale, {self.dtype} arithmetic alone (the original computed in float32 and in {self.dtype}):")
+            for d in self.baseline:
+                top1 = "" if d.top1_agreement is None else f"  top-1 agreement {d.top1_agreement:.3f}"
+                lines.append(f"  {d.name:<22} max abs {d.max_abs:.3e}  max rel {d.max_rel:.3e}{top1}")
+            if self.baseline_generations_equal is not None:
+                lines.append(f"  greedy generations identical: {self.baseline_generations_equal}")
         lines.append("EQUIVALENT" if self.equivalent else "NOT EQUIVALENT")
         return "\n".join(lines)
 
@@ -186,30 +197,49 @@ def verify(
     if type(a) is not type(b):
         raise MergeShieldError(f"the two folders hold different architectures: {type(a).__name__} vs {type(b).__name__}")
     inputs, probe, tokenizer = _probe_inputs(original_dir, a, texts, seed)
-    # pixels in the models' dtype (drawn in float32, so every dtype sees the same images)
-    inputs = {k: v.to(dtypes[dtype]) if v.is_floating_point() else v for k, v in inputs.items()}
     report = VerifyReport(type(a).__name__, probe, rtol=rtol, dtype=dtype)
+    generate = bool(generate_tokens) and _is_generator(a)
+    kwargs = dict(max_new_tokens=generate_tokens, do_sample=False, pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
+    run_a, run_b = _run(a, inputs, generate, kwargs), _run(b, inputs, generate, kwargs)
+    report.diffs = _diffs(run_a[0], run_b[0], inputs.get("attention_mask"))
+    if generate:
+        report.generations_equal = bool(torch.equal(run_a[1], run_b[1]))
+        if tokenizer is not None:
+            report.generations = [
+                (tokenizer.decode(x, skip_special_tokens=True), tokenizer.decode(y, skip_special_tokens=True))
+                for x, y in zip(run_a[1], run_b[1])
+            ]
+    if dtype != "float32":  # what the half-precision arithmetic alone does to the original
+        run_ref = _run(load_model(original_dir, torch.float32), inputs, generate, kwargs)
+        report.baseline = _diffs(run_ref[0], run_a[0], inputs.get("attention_mask"))
+        if generate:
+            report.baseline_generations_equal = bool(torch.equal(run_ref[1], run_a[1]))
+    return report
+
+
+def _run(model: torch.nn.Module, inputs: dict[str, torch.Tensor], generate: bool,
+         kwargs: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The model's outputs on the probe inputs (float inputs, e.g. pixels drawn in float32, cast
+    to its dtype) and, for a generator, the greedy continuations of the first two probes."""
+    dtype = next(model.parameters()).dtype
+    cast = {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
     with torch.inference_mode():
-        out_a, out_b = a(**inputs), b(**inputs)
-    mask = inputs.get("attention_mask")
-    for key in out_a.keys():
-        ta, tb = out_a[key], out_b[key]
+        out = dict(model(**cast))
+        gen = None
+        if generate:
+            mask = cast.get("attention_mask")
+            gen = model.generate(cast["input_ids"][:2], attention_mask=mask[:2] if mask is not None else None, **kwargs)
+    return out, gen
+
+
+def _diffs(out_a: dict[str, torch.Tensor], out_b: dict[str, torch.Tensor], mask: torch.Tensor | None) -> list[OutputDiff]:
+    """Each floating output compared (padding positions left out)."""
+    diffs = []
+    for key, ta in out_a.items():
+        tb = out_b[key]
         if not isinstance(ta, torch.Tensor) or not ta.is_floating_point():
             continue
         if mask is not None and ta.dim() == 3 and ta.shape[:2] == mask.shape:
             ta, tb = ta[mask.bool()], tb[mask.bool()]  # padding positions are not outputs
-        report.diffs.append(_diff(key, ta, tb, with_top1=key.startswith("logits")))
-    if generate_tokens and _is_generator(a):
-        ids = inputs["input_ids"][:2]
-        am = mask[:2] if mask is not None else None
-        kwargs = dict(max_new_tokens=generate_tokens, do_sample=False, attention_mask=am,
-                      pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0)
-        with torch.inference_mode():
-            ga, gb = a.generate(ids, **kwargs), b.generate(ids, **kwargs)
-        report.generations_equal = bool(torch.equal(ga, gb))
-        if tokenizer is not None:
-            report.generations = [
-                (tokenizer.decode(x, skip_special_tokens=True), tokenizer.decode(y, skip_special_tokens=True))
-                for x, y in zip(ga, gb)
-            ]
-    return report
+        diffs.append(_diff(key, ta, tb, with_top1=key.startswith("logits")))
+    return diffs
