@@ -96,23 +96,25 @@ def main() -> None:
 
 
 def _half_variants(name: str, pre: torch.Tensor, tuned: torch.Tensor) -> None:
-    """What protect does for a half-precision checkpoint: the same features rounded to bfloat16,
-    then to float16 (as the checkpoint would hold them), block costs multiplied in float32, in
-    bfloat16, and in bfloat16 from features kept in the stored dtype (protect's way where the
-    CPU multiplies bfloat16 natively: for bfloat16 the sort keys are then bfloat16 products
-    too; float16 features are rounded to bfloat16 a block at a time for the products)."""
-    for half in (torch.bfloat16, torch.float16):
-        short = "bf16" if half == torch.bfloat16 else "f16"
+    """What protect does for a bfloat16, float16 or float32 checkpoint: the same features rounded
+    to bfloat16, then to float16 (as the checkpoint would hold them), then as they are (float32),
+    block costs multiplied in float32, in bfloat16, and in bfloat16 from features kept in the
+    stored half-precision dtype (protect's way where the CPU multiplies bfloat16 natively: for
+    bfloat16 the sort keys are then bfloat16 products too; float16 and float32 features are
+    rounded to bfloat16 a block at a time for the products)."""
+    for half in (torch.bfloat16, torch.float16, torch.float32):  # float32: the weights as they are
+        short = {torch.bfloat16: "bf16", torch.float16: "f16", torch.float32: "f32"}[half]
         p16, t16 = pre.to(half).float(), tuned.to(half).float()
         best16 = permutation_objective(p16, t16, farthest_permutation(p16.double(), t16.double(), "exact"))
-        for label, features, products in ((f"block-{short}-f32", torch.float32, torch.float32),
-                                          (f"block-{short}-bf16", torch.float32, torch.bfloat16),
-                                          (f"block-{short}-bf16f", half, torch.bfloat16)):
+        variants = [(f"block-{short}-f32", torch.float32, torch.float32), (f"block-{short}-bf16", torch.float32, torch.bfloat16)]
+        if half != torch.float32:  # features kept in the half-precision dtype
+            variants.append((f"block-{short}-bf16f", half, torch.bfloat16))
+        for label, features, products in variants:
             t = time.perf_counter()
             perm = farthest_permutation(p16.to(features), t16.to(features), "block", products=products)
             sec = time.perf_counter() - t
             share = permutation_objective(p16, t16, perm) / best16
-            print(f"{name:<10} {label:<15} {sec:8.3f} {share:16.6f}  ({half}-rounded weights; share of their exact objective)")
+            print(f"{name:<10} {label:<15} {sec:8.3f} {share:16.6f}  ({half} weights; share of their exact objective)")
 
 
 def minilm_layers(noise: float = 0.05) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:

@@ -45,7 +45,7 @@ def test_permute_heads_and_attack_from_the_command_line(tiny_pair, tmp_path):
                "--permute-residual", "--solver", "sparse", "--candidates", "4", "--quiet")
     assert res.returncode == 0, res.stderr
     assert "model.heads.0" in res.stdout and "heads (distances before scaling) moved" in res.stdout
-    assert "sparse solver, " in res.stdout
+    assert "sparse solver" in res.stdout  # ", " or " (bfloat16 products), " where the CPU multiplies those natively
     assert "residual-only tensors" in res.stdout
     res = _cli("attack", str(tmp_path / "p"), "--base", str(base), "--out", str(tmp_path / "a"), "--quiet")
     assert res.returncode == 0, res.stderr

@@ -476,10 +476,15 @@ def test_protect_reads_ahead_every_model_tensor_and_only_the_base_tensors_it_pla
     assert not any("embed" in n or "norm" in n for n in asked["base"]), sorted(asked["base"])
 
 
-def test_block_size_and_candidates_trade_objective_for_time_and_the_whole_layer_is_exact(tiny_pair, tmp_path):
+def test_block_size_and_candidates_trade_objective_for_time_and_the_whole_layer_is_exact(tiny_pair, tmp_path,
+                                                                                        monkeypatch):
     """--block-size reaches protect's block solver: one block as large as the layer is the
     exact assignment (the same distances as --solver exact), tiny blocks fall short of it; and
-    --candidates the sparse solver's, alike."""
+    --candidates the sparse solver's, alike. Costs in float32 here (where the CPU multiplies
+    bfloat16 natively protect rounds them to bfloat16, which may break near-ties otherwise)."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("mergeshield.protect"), "native_bfloat16", lambda: False)
     base, ft, _ = tiny_pair("llama")  # MLP 96 units wide
 
     def mlp_distances(**options: object) -> list[float]:
@@ -505,14 +510,14 @@ def test_block_size_and_candidates_trade_objective_for_time_and_the_whole_layer_
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 @pytest.mark.parametrize("fast", [True, False])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_report_distances_are_the_distances_of_the_written_weights(family, fast, dtype, tmp_path, monkeypatch):
     """Every instance's distances in the report (before, after, base norm) against the same
-    norms taken in float64 from the files protect read and wrote, for a bfloat16 and a float16
-    model. With `fast` the half-precision fast paths (sums of squares by norms of runs, scaled
-    distances in the stored dtype, the chosen costs of bfloat16 products: of float16 features
-    rounded to bfloat16 a block at a time) are forced on these small tensors, also on a CPU
-    without native bfloat16."""
+    norms taken in float64 from the files protect read and wrote, for a bfloat16, a float16 and
+    a float32 model. With `fast` the fast paths (sums of squares by norms of runs, scaled
+    distances in the stored dtype, the chosen costs of bfloat16 products: of float16 and float32
+    features rounded to bfloat16 a block at a time) are forced on these small tensors, also on a
+    CPU without native bfloat16."""
     import importlib
 
     from mergeshield.core import numeric

@@ -529,19 +529,21 @@ class _Plan(Mapping[str, Transform]):
                for bt in inst.tensors}
         units = inst.size if isinstance(space, HeadPermutationSpace) else None
         solver = choose_solver(self.options.solver, inst.size)
-        # Half-precision weights are multiplied in bfloat16 where that is natively fast (some
-        # CPUs, GPUs): their features then stay in the stored dtype (a copy, no conversion, half
-        # the memory of float32). bfloat16 values multiply exactly; float16 ones are rounded to
-        # bfloat16 a block at a time (3 significant digits per input, as each cost already is:
-        # this CPU multiplies float16 no faster than float32, a sixth of bfloat16's speed).
-        # Otherwise block and random compute in float32 (the same permutation as float64, half
-        # the memory) and exact and greedy in float64; float64 weights keep float64 features
-        # (the report's sums are taken on them), multiplied in float32 all the same.
+        # Block and sparse costs are multiplied in bfloat16 where that is natively fast (some
+        # CPUs, GPUs), for bfloat16, float16 and float32 weights alike: the features stay in the
+        # stored dtype (half-precision ones a copy without conversion, half the memory of
+        # float32) and each block is rounded to bfloat16 for its product (3 significant digits per
+        # input, as each cost already is; exact for bfloat16). This CPU multiplies float16 no
+        # faster than float32, a sixth of bfloat16's speed. Otherwise block and random compute in
+        # float32 (the same permutation as float64, half the memory) and exact and greedy in
+        # float64; float64 weights keep float64 features (the report's sums are taken on them),
+        # multiplied in float32 all the same.
         stored = {t.dtype for t in (*tuned.values(), *pre.values())}
-        half = next(iter(stored)) if stored in ({torch.bfloat16}, {torch.float16}) else None
-        products = torch.bfloat16 if half and (native_bfloat16() or self.device.type == "cuda") else None
+        single = next(iter(stored)) if len(stored) == 1 else None
+        fast = native_bfloat16() or self.device.type == "cuda"
+        products = torch.bfloat16 if fast and single in (torch.bfloat16, torch.float16, torch.float32) else None
         narrow = solver in ("block", "sparse", "random") and torch.float64 not in stored
-        ftype = (half if products else torch.float32) if narrow else torch.float64
+        ftype = (single if products else torch.float32) if narrow else torch.float64
         # the block solver gathers a block's features straight from the tensors (`UnitParts`)
         features = UnitParts if solver == "block" else unit_features
         # The features hold the bound values exactly (in a dtype at least as wide), so each
