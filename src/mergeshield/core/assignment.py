@@ -54,10 +54,12 @@ full product, about 3 TFLOP a layer at Llama-2-7B's width.
 fine-tuned units descending, so opposite units meet), cut into blocks of ``block_size`` and solve
 each block exactly: only the block-diagonal costs are ever computed.
 The direction comes from at most 2048 evenly spaced base units (it only orders units).
-Block costs may be multiplied in bfloat16 (``products``; protect does so for bfloat16 checkpoints
-on CPUs with native bfloat16 matrix units, see `native_bfloat16`): the inputs are then exact and
-only each cost is rounded (to 3 significant digits); on MiniLM's layers the objective stayed
-within 2e-6 of float32 products', and the product ran 4x faster (`benchmarks/solver_quality.py`).
+Block costs may be multiplied in bfloat16 (``products``; protect does so for bfloat16, float16
+and float32 checkpoints on CPUs with native bfloat16 matrix units, see `native_bfloat16`): for
+bfloat16 the inputs are then exact and only each cost is rounded (to 3 significant digits), the
+others' inputs are rounded too (`to_products`); on MiniLM's layers the objective stayed within
+2e-6 of float32 products' for each dtype, and the product ran 4x faster
+(`benchmarks/solver_quality.py`).
 ``greedy``: rows in random order each take their cheapest free column. ``random``: a uniformly
 random permutation. ``auto``: exact up to ``EXACT_MAX`` units, block above (near disk speed; on
 real data the merged accuracy of a protected model did not follow the objective above about 97%
