@@ -58,7 +58,7 @@ Block costs may be multiplied in bfloat16 (``products``; protect does so for bfl
 and float32 checkpoints on CPUs with native bfloat16 matrix units, see `native_bfloat16`): for
 bfloat16 the inputs are then exact and only each cost is rounded (to 3 significant digits), the
 others' inputs are rounded too (`to_products`); on MiniLM's layers the objective stayed within
-2e-6 of float32 products' for each dtype, and the product ran 4x faster
+6e-6 of float32 products' for each dtype, and the product ran 4x faster
 (`benchmarks/solver_quality.py`).
 ``greedy``: rows in random order each take their cheapest free column. ``random``: a uniformly
 random permutation. ``auto``: exact up to ``EXACT_MAX`` units, block above (near disk speed; on
