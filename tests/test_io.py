@@ -165,7 +165,8 @@ def test_save_as_dtype_rounds_every_float_tensor_and_keeps_the_layout(dtype, tmp
     """`save_as_dtype` (half-precision eval suites, float16_scales.py): a sharded checkpoint comes
     back sharded the same way, every float tensor equal to torch's rounding of it, integer
     tensors untouched, the config naming the dtype, the other files copied; an existing output is
-    refused unless overwriting."""
+    refused unless overwriting, and so (before anything is written, the input untouched) are an
+    output overlapping the input, a non-floating dtype and ``.bin`` shards."""
     import json
 
     from safetensors.torch import save_file
@@ -197,6 +198,23 @@ def test_save_as_dtype_rounds_every_float_tensor_and_keeps_the_layout(dtype, tmp
     assert (out / "notes.txt").read_text() == "kept"
     total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     assert total == sum(b.get(n).numel() * b.get(n).element_size() for n in b.names)
-    with pytest.raises(MergeShieldError):
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    with pytest.raises(MergeShieldError, match="already exists"):
         save_as_dtype(src, out, dtype)
     save_as_dtype(src, out, dtype, overwrite=True)
+    # bad input: refused before anything is written, the input untouched
+    with pytest.raises(MergeShieldError, match="is input"):
+        save_as_dtype(src, src, dtype, overwrite=True)
+    with pytest.raises(MergeShieldError, match="overlaps input"):
+        save_as_dtype(src, src / "half", dtype)
+    with pytest.raises(ValueError, match="floating-point dtype, not torch.int8"):
+        save_as_dtype(src, tmp_path / "ints", torch.int8)
+    torch.save({"w": torch.ones(2)}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "binsrc").mkdir()
+    (tmp_path / "binsrc" / "config.json").write_text((src / "config.json").read_text())
+    (tmp_path / "pytorch_model.bin").rename(tmp_path / "binsrc" / "pytorch_model.bin")
+    with pytest.raises(MergeShieldError, match=".bin shards"):
+        save_as_dtype(tmp_path / "binsrc", tmp_path / "frombin", dtype)
+    assert not (tmp_path / "ints").exists() and not (tmp_path / "frombin").exists() and not (src / "half").exists()
+    assert not [p for p in tmp_path.iterdir() if "mergeshield-tmp" in p.name]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -917,13 +917,19 @@ def save_as_dtype(src: str | os.PathLike[str], out: str | os.PathLike[str], dtyp
     half precision. Returns `out`.
 
     Raises:
+        ValueError: `dtype` is not a floating-point dtype.
+        OutputPathError: `out` is, holds or lies inside `src`, or exists without `overwrite`.
         CheckpointError: `src` is not a readable checkpoint folder, or has ``.bin`` shards.
     """
+    if not dtype.is_floating_point:
+        raise ValueError(f"save_as_dtype rounds weights to a floating-point dtype, not {dtype}")
     out = Path(out)
+    check_output_path(out, [Path(src)], overwrite)
     name = str(dtype).removeprefix("torch.")
-    with Checkpoint(src) as ckpt, atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with Checkpoint(src) as ckpt:
         if any(shard.fmt != "safetensors" for shard in ckpt.shards):
             raise CheckpointError(f"{ckpt.folder}: has .bin shards; convert it to safetensors first.")
+    with Checkpoint(src) as ckpt, atomic_output_dir(out, overwrite=overwrite) as tmp:
         copy_non_weight_files(ckpt, tmp)
         config = json.loads((ckpt.folder / "config.json").read_text(encoding="utf-8"))
         config["torch_dtype"] = name  # transformers 4 reads this key
