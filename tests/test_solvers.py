@@ -339,7 +339,6 @@ def test_costs_multiplied_on_a_device_give_the_cpu_objective(device, solver, pro
         assert np.array_equal(perm, ref_perm)
 
 
-
 @pytest.mark.parametrize(("steps", "extra"), [(0, 1), (1, -1), (1, 0), (1, 1), (3, 5)])
 def test_float16_features_convert_to_bfloat16_products_bit_for_bit(steps, extra):
     """`to_products` converts float16 features to bfloat16 through float32 a few rows at a time:
@@ -349,7 +348,9 @@ def test_float16_features_convert_to_bfloat16_products_bit_for_bit(steps, extra)
 
     rows = steps * CONVERT_ROWS + extra
     every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)  # all 65536 bit patterns
-    x = every[torch.randperm(len(every), generator=torch.Generator().manual_seed(rows))][: rows * 97].reshape(rows, 97)
+    cols = -(-len(every) // rows)  # every pattern in every case, shuffled, padded by repeating the first ones
+    shuffled = every[torch.randperm(len(every), generator=torch.Generator().manual_seed(rows))]
+    x = torch.cat([shuffled, shuffled[: rows * cols - len(every)]]).reshape(rows, cols)
     got = to_products(x, torch.bfloat16, torch.device("cpu"))
     want = x.to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and got.shape == x.shape
@@ -357,5 +358,5 @@ def test_float16_features_convert_to_bfloat16_products_bit_for_bit(steps, extra)
     assert torch.equal(torch.isnan(got), nan)
     assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16))
     for dtype, products in ((torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16), (torch.float16, torch.float32)):
-        y = x[:, :5].to(dtype)
+        y = x[:, :97].to(dtype)
         assert torch.equal(to_products(y, products, torch.device("cpu")).nan_to_num(), y.to(products).nan_to_num())
