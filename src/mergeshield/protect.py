@@ -129,9 +129,9 @@ class ProtectOptions(BaseModel):
     the exact objective, at more time (measured in `mergeshield.core.assignment.SPARSE_CANDIDATES`)."""
     device: str = "cpu"
     """Where the MLP assignment's costs are multiplied: ``cpu``, or ``cuda`` / ``cuda:N`` for an
-    NVIDIA GPU, or ``auto`` (a GPU where torch sees one, else the CPU; the key records which, since
-    the bytes then depend on the machine) (the sparse solver's whole cost matrix is the product a GPU takes; the
-    assignments themselves are solved on the CPU). Not yet run on a GPU by this project (none
+    NVIDIA GPU, or ``auto``: a GPU where torch sees one, else the CPU (the key records which, since
+    the bytes then depend on the machine). The sparse solver's whole cost matrix is the product a
+    GPU takes; the assignments themselves are solved on the CPU. Not yet run on a GPU by this project (none
     was lent): the path is the CPU's torch code on another device, tested on the CPU only. A
     GPU's products round differently, so its permutation for a seed may differ from the CPU's."""
     half_subnormals: Literal["round", "keep"] = "round"
@@ -416,9 +416,6 @@ class _Plan(Mapping[str, Transform]):
         self.instances = {inst.id: inst for inst in ordered if self._enabled(inst)}
         self._clamped: dict[str, int] = {}
         """Scale factors bounded, per instance."""
-        self._rounding: dict[str, int] = {}
-        """Per float16 scale instance with `half_subnormals` round: minus the largest k of the
-        factors 2^-k it scales values down by (for the note)."""
         self._scale_sums: dict[str, list[float]] = {}
         """Per scale instance, its distances (squared: before, after, base) as `measure` adds them."""
         self.checked: set[str] = set()
@@ -505,7 +502,12 @@ class _Plan(Mapping[str, Transform]):
                 f"{clamped} scale factor(s) were bounded so that no float16/bfloat16 weight overflows "
                 "(or, where kept exact, moves into or within the subnormal range)"
             )
-        deepest = -min(self._rounding.values(), default=0)
+        # float16 scale factors 2^-k (and, on the inverse side, 2^k) round the values they move below
+        # float16's smallest normal, unless kept exact: the deepest k bounds the change
+        deepest = max((int(np.abs(np.log2(t.factors)).max(initial=0)) for t in transforms
+                       if t.factors is not None and self.quantize == "pow2" and self.options.half_subnormals == "round"
+                       and any(self.model.dtype(bt.name) == torch.float16 for bt in self.instances[t.instance_id].tensors)),
+                      default=0)
         if deepest > 0:
             notes.append(
                 f"float16: scale factors down to 2^-{deepest} round the values they scale below float16's "
@@ -587,8 +589,7 @@ class _Plan(Mapping[str, Transform]):
         transform = Transform(inst.id, perm=perm)
         moved = float((perm != np.arange(len(perm))).mean())
         what = "heads (distances before scaling)" if units else "units"
-        wide = str(products).removeprefix("torch.")
-        how = [*([f"{wide} products"] if products and solver in ("block", "sparse") else []),
+        how = [*([f"{str(products).removeprefix('torch.')} products"] if products and solver in ("block", "sparse") else []),
                *([f"costs on {self.device}"] if self.device.type != "cpu" and solver != "random" else [])]
         paren = f" ({', '.join(how)})" if how else ""
         detail = f"{solver} solver{paren}, {moved:.0%} {what} moved"
@@ -611,13 +612,10 @@ class _Plan(Mapping[str, Transform]):
         factors = sample_factors(rng, inst.size, self.options.scale_low, self.options.scale_high, self.options.scale_law)
         if self.quantize == "pow2":
             exps = np.round(np.log2(factors)).astype(np.int64)
-            round_float16 = self.options.half_subnormals == "round"
-            lo, hi = _factor_bounds(self.model, inst, tuned, exps, round_float16)
+            lo, hi = _factor_bounds(self.model, inst, tuned, exps, self.options.half_subnormals == "round")
             ok = lo <= hi
             bounded = np.where(ok, np.clip(exps, lo, hi), 0)
             self._clamped[inst.id] = int((bounded != exps).sum())
-            if round_float16 and any(self.model.dtype(bt.name) == torch.float16 for bt in inst.tensors):
-                self._rounding[inst.id] = int(min(bounded.min(initial=0), (-bounded).min(initial=0)))
             factors = np.exp2(bounded.astype(np.float64))
         transform = Transform(inst.id, factors=factors)
         detail = f"factors {factors.min():.3g}..{factors.max():.3g}"
