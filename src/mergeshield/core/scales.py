@@ -88,8 +88,9 @@ def pow2_exponent_range(t: torch.Tensor, dtype: torch.dtype, headroom_bits: int 
             part = flat[start : start + POW2_CHUNK]
             m = torch.bitwise_and(part, mask, out=buf[: len(part)])  # |x|'s bits, ordered as |x|
             most = max(most, int(m.amax()))
-            m.sub_(1).bitwise_and_(mask)  # zero wraps to the largest value: the min skips it
-            least = min(least, int(m.amin()) + 1)
+            if keep_small:  # else only the largest magnitude bounds anything
+                m.sub_(1).bitwise_and_(mask)  # zero wraps to the largest value: the min skips it
+                least = min(least, int(m.amin()) + 1)
         big, small = (float(torch.tensor([b], dtype=int_type).view(t.dtype)) for b in (most, min(least, mask)))
         small = small if least <= mask else float("inf")
     else:
