@@ -63,21 +63,24 @@ class VerifyReport:
         return ok and self.generations_equal is not False and bool(self.diffs)
 
     def table(self) -> str:
-        lines = [f"architecture: {self.architecture}; probe: {self.probe}; computed in {self.dtype}; rtol {self.rtol:g}"]
-        for d in self.diffs:
-            top1 = "" if d.top1_agreement is None else f"  top-1 agreement {d.top1_agreement:.3f}"
-            lines.append(f"  {d.name:<22} max abs {d.max_abs:.3e}  max rel {d.max_rel:.3e}{top1}")
-        if self.generations_equal is not None:
-            lines.append(f"  greedy generations identical: {self.generations_equal}")
+        lines = [f"architecture: {self.architecture}; probe: {self.probe}; computed in {self.dtype}; rtol {self.rtol:g}",
+                 *_lines(self.diffs, self.generations_equal)]
         if self.baseline:
             lines.append(f"  for scale, {self.dtype} arithmetic alone (the original computed in float32 and in {self.dtype}):")
-            for d in self.baseline:
-                top1 = "" if d.top1_agreement is None else f"  top-1 agreement {d.top1_agreement:.3f}"
-                lines.append(f"  {d.name:<22} max abs {d.max_abs:.3e}  max rel {d.max_rel:.3e}{top1}")
-            if self.baseline_generations_equal is not None:
-                lines.append(f"  greedy generations identical: {self.baseline_generations_equal}")
+            lines += _lines(self.baseline, self.baseline_generations_equal)
         lines.append("EQUIVALENT" if self.equivalent else "NOT EQUIVALENT")
         return "\n".join(lines)
+
+
+def _lines(diffs: list[OutputDiff], generations_equal: bool | None) -> list[str]:
+    """One line per compared output, and one for the greedy generations if compared."""
+    lines = []
+    for d in diffs:
+        top1 = "" if d.top1_agreement is None else f"  top-1 agreement {d.top1_agreement:.3f}"
+        lines.append(f"  {d.name:<22} max abs {d.max_abs:.3e}  max rel {d.max_rel:.3e}{top1}")
+    if generations_equal is not None:
+        lines.append(f"  greedy generations identical: {generations_equal}")
+    return lines
 
 
 def load_model(folder: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -189,11 +192,10 @@ def verify(
         A report; ``report.equivalent`` is the verdict.
     """
     original_dir, protected_dir = Path(original_dir), Path(protected_dir)
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise ValueError(f"dtype {dtype!r}: use one of {sorted(dtypes)}")
-    a = load_model(original_dir, dtypes[dtype])
-    b = load_model(protected_dir, dtypes[dtype])
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"dtype {dtype!r}: use one of ['bfloat16', 'float16', 'float32']")
+    a = load_model(original_dir, getattr(torch, dtype))
+    b = load_model(protected_dir, getattr(torch, dtype))
     if type(a) is not type(b):
         raise MergeShieldError(f"the two folders hold different architectures: {type(a).__name__} vs {type(b).__name__}")
     inputs, probe, tokenizer = _probe_inputs(original_dir, a, texts, seed)
