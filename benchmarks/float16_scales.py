@@ -8,7 +8,8 @@ itself as the base (the distances are then the protection's own, the task vector
 prints per mode: the scale factors bounded, the scale instances left at factor 1, the median
 distance of the Q/K and V/O weights to the base, the note protect wrote, `verify`'s verdict
 against the float16 original (computed in float32), and the same comparison computed in
-float16, as users run such checkpoints (with greedy continuations for a causal LM), also for
+float16 (`verify --dtype float16`: as users run such checkpoints, with greedy continuations of
+two probes for a causal LM, beside the original's own float32-vs-float16 difference), also for
 the MLP permutation alone (no scales) as the baseline of float16 arithmetic on a rearranged model.
 
 Usage: ``python benchmarks/float16_scales.py --work /tmp/f16 [--smollm2]``. Not a test.
@@ -48,13 +49,13 @@ def main() -> None:
         if not (f16 / "config.json").exists():
             save_as_dtype(src, f16, torch.float16)
         total = sum(i.size for i in bind_checkpoint(Checkpoint(f16)).instances if isinstance(i.space, ScaleSpace))
-        original = _Float16Run(f16)
         for mode in ("keep", "round", "permutation-only"):
             out = args.work / f"{name}-f16-{mode}"
             options = (ProtectOptions(scale_qk=False, scale_vo=False) if mode == "permutation-only"
                        else ProtectOptions(half_subnormals=mode))
             report = protect(f16, f16, out, options, overwrite=True, progress=False)
-            in_float16 = f"  computed in float16, against the original: {original.compare(out)}"
+            in_float16 = "  computed in float16 (`verify --dtype float16`), against the original: " + _summary(
+                verify(f16, out, dtype="float16"))
             if mode == "permutation-only":
                 print(f"{name} float16, the MLP permutation only (no scales):\n{in_float16}")
                 continue
@@ -73,46 +74,17 @@ def main() -> None:
                     print(f"  note: {note}")
 
 
-class _Float16Run:
-    """A model's outputs computed in float16 (as users run float16 checkpoints; `verify` computes
-    in float32) on `verify`'s probe inputs, and, for a causal LM, its greedy continuations."""
-
-    def __init__(self, folder: Path) -> None:
-        import torch
-
-        from mergeshield.verify import _is_generator, _probe_inputs, load_model
-
-        self.model = load_model(folder, dtype=torch.float16)
-        self.inputs, _, _ = _probe_inputs(folder, self.model, None, 0)
-        self.generator = _is_generator(self.model)
-        self.out, self.gen = self._run(self.model)
-
-    def _run(self, model):  # -> (first output, greedy tokens or None)
-        import torch
-
-        with torch.inference_mode():
-            first = next(iter(model(**self.inputs).values())).float()
-            gen = None
-            if self.generator:
-                gen = model.generate(self.inputs["input_ids"], attention_mask=self.inputs.get("attention_mask"),
-                                     max_new_tokens=16, do_sample=False, pad_token_id=0)
-        return first, gen
-
-    def compare(self, folder: Path) -> str:
-        import torch
-
-        from mergeshield.verify import load_model
-
-        out, gen = self._run(load_model(folder, dtype=torch.float16))
-        mask = self.inputs.get("attention_mask")
-        a, b = (self.out[mask.bool()], out[mask.bool()]) if mask is not None else (self.out, out)
-        text = f"max abs difference {float((a - b).abs().max()):.3g} (largest value {float(a.abs().max()):.3g})"
-        if a.shape[-1] > 1000:  # logits: the top token of every position
-            text += f", top-1 agreement {float((a.argmax(-1) == b.argmax(-1)).float().mean()):.4f}"
-        if gen is not None:
-            same = sum(bool(torch.equal(x, y)) for x, y in zip(self.gen, gen))
-            text += f", greedy continuations (16 tokens) identical for {same} of {len(gen)} probe texts"
-        return text
+def _summary(report) -> str:  # a VerifyReport in one line: the first output and the generations
+    d, base = report.diffs[0], report.baseline[0]
+    text = f"{d.name} max abs {d.max_abs:.3g}, max rel {d.max_rel:.3g}"
+    if d.top1_agreement is not None:
+        text += f", top-1 agreement {d.top1_agreement:.4f}"
+    if report.generations_equal is not None:
+        text += f", greedy continuations of 2 probes identical: {report.generations_equal}"
+    text += f" (the original's own float32 -> float16: max abs {base.max_abs:.3g}, max rel {base.max_rel:.3g}"
+    if report.baseline_generations_equal is not None:
+        text += f", continuations identical: {report.baseline_generations_equal}"
+    return text + ")"
 
 
 if __name__ == "__main__":
