@@ -79,13 +79,13 @@ def main() -> None:
     for name, pre, tuned in minilm_layers(args.noise):
         pooled.append((pre, tuned))
         _shares(name, pre, tuned)
-        _half_variants(name, pre, tuned)
+        _dtype_variants(name, pre, tuned)
     # no large real MLP ships with a package: as a stand-in for one, the units of all six layers
     # as one layer (their statistics differ from layer to layer, as units in a large layer do)
     pre, tuned = (torch.cat(x) for x in zip(*pooled))
     exact = _shares(f"all{pre.shape[0]}", pre, tuned, larger_blocks=True)
     _where_partners_are(pre, tuned, exact)
-    _half_variants(f"all{pre.shape[0]}", pre, tuned)
+    _dtype_variants(f"all{pre.shape[0]}", pre, tuned)
     if args.smollm2:
         # a second stand-in, from a Llama-architecture model (SwiGLU: gate and up rows, down
         # columns): every fifth of SmolLM2-135M's 30 MLP layers (1536 units each) pooled. Its
@@ -95,7 +95,7 @@ def main() -> None:
         _where_partners_are(pre, tuned, exact)
 
 
-def _half_variants(name: str, pre: torch.Tensor, tuned: torch.Tensor) -> None:
+def _dtype_variants(name: str, pre: torch.Tensor, tuned: torch.Tensor) -> None:
     """What protect does for a bfloat16, float16 or float32 checkpoint: the same features rounded
     to bfloat16, then to float16 (as the checkpoint would hold them), then as they are (float32),
     block costs multiplied in float32, in bfloat16, and in bfloat16 from features kept in the
