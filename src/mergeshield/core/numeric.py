@@ -30,7 +30,8 @@ SQUARES_ROW = 256
 """Elements per partial sum in `runs_square_sum`."""
 SQUARES_HALF_PIECE = 1 << 18
 """float16 values converted to float32 at a time by `runs_square_sum` (256K: 6.0 ms for a
-Llama-2-7B MLP tensor, against 8.1 ms in pieces of 64K and 14.3 ms of 1M, which leave the cache)."""
+Llama-2-7B MLP tensor, against 8.1 ms in pieces of 64K and 14.3 ms of 1M, which leave the cache;
+one thread, an ad-hoc timing)."""
 SQUARES_EXACT_BELOW = 1 << 22
 """Tensors with fewer elements are summed in float64 outright (cheap at that size)."""
 
