@@ -424,7 +424,7 @@ class _Plan(Mapping[str, Transform]):
         # Every instance is planned in this one thread, in the order asked (`ahead`, then
         # lookups), so planning the next layers overlaps with writing this one. (Two planner
         # threads: 3.2-3.45 instead of 1.8-2.2 GiB peak RSS at 7B, and no steady gain in time:
-        # README, "Planning ahead".)
+        # benchmarks/HISTORY.md, "Planning ahead".)
         self._planner = ThreadPoolExecutor(1, "mergeshield-planner")
         self._futures: dict[str, Future[tuple[Transform, InstanceReport]]] = {}
 
