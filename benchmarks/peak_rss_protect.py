@@ -19,13 +19,18 @@ import threading
 import time
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def protect_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments of one protect run (also `thread_states.py`'s, which passes them on)."""
     ap.add_argument("ft")
     ap.add_argument("base")
     ap.add_argument("out")
     ap.add_argument("--solver", default="auto")
     ap.add_argument("--device", default="cpu")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    protect_arguments(ap)
     args = ap.parse_args()
     from mergeshield import ProtectOptions, protect
 

@@ -12,7 +12,7 @@ the child's own JSON line, then:
   Threads are numbered in the order they appeared (the first is the main thread); the planner,
   the writer and torch's worker threads have no OS names, so tell them apart by their CPU.
 
-Usage: ``python benchmarks/thread_states.py FT_DIR BASE_DIR OUT_DIR [--solver auto] [--json F]``.
+Usage: ``python benchmarks/thread_states.py FT_DIR BASE_DIR OUT_DIR [--solver auto] [--device cpu] [--json F]``.
 Not a test.
 """
 
@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from peak_rss_protect import protect_arguments  # this script's folder is on sys.path
 
 
 def _sample(pid: int) -> dict[int, tuple[str, int]]:
@@ -43,16 +45,13 @@ def _sample(pid: int) -> dict[int, tuple[str, int]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("ft")
-    ap.add_argument("base")
-    ap.add_argument("out")
-    ap.add_argument("--solver", default="auto")
+    protect_arguments(ap)
     ap.add_argument("--interval", type=float, default=0.005, help="seconds between samples")
     ap.add_argument("--json", type=Path, help="also save the summary here")
     args = ap.parse_args()
     script = Path(__file__).with_name("peak_rss_protect.py")
-    child = subprocess.Popen([sys.executable, str(script), args.ft, args.base, args.out, "--solver", args.solver],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen([sys.executable, str(script), args.ft, args.base, args.out, "--solver", args.solver,
+                              "--device", args.device], stdout=subprocess.PIPE, text=True)
     samples: list[dict[int, tuple[str, int]]] = []
     while child.poll() is None:
         try:
