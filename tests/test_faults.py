@@ -9,6 +9,7 @@ no output folder and no temporary folder behind.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -427,6 +428,45 @@ def test_a_real_full_disk_is_an_oserror_naming_the_file(pair, tmp_path, monkeypa
     msg = _refused(ft, base, tmp_path, OSError, "No space left on device while writing", "model.safetensors",
                    "the disk is full")
     assert "[Errno 28]" in msg
+
+
+def _free_space(monkeypatch: pytest.MonkeyPatch, free: int) -> None:
+    """Make every file system report `free` bytes free (shutil.disk_usage)."""
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+def _written(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("command", ["protect", "merge", "save_as_dtype"])
+def test_an_output_that_cannot_fit_on_the_disk_is_refused_before_writing(pair, tmp_path, monkeypatch, command):
+    from mergeshield import make_method, merge_checkpoints
+    from mergeshield.io.checkpoint import output_bytes, save_as_dtype
+
+    base, ft = pair
+    with Checkpoint(ft) as ck:
+        need = output_bytes(ck, (lambda n: torch.float16) if command == "save_as_dtype" else ck.dtype)
+    run = {
+        "protect": lambda out: protect(ft, base, out, key_out=tmp_path / "key", progress=False),
+        "merge": lambda out: merge_checkpoints(base, [ft], out, make_method("task_arithmetic", lam=0.8), progress=False),
+        "save_as_dtype": lambda out: save_as_dtype(ft, out, torch.float16),
+    }[command]
+    before = _snapshot(ft, base)
+    _free_space(monkeypatch, need - 1)
+    with pytest.raises(OSError) as info:
+        run(tmp_path / "out")
+    assert info.value.errno == errno.ENOSPC
+    message = " ".join(str(info.value).split())
+    for needle in (f"needs about {need / 1e9:.2f} GB", f"has {(need - 1) / 1e9:.2f} GB free", "Nothing was written",
+                   "choose an output on another disk"):
+        assert needle in message, message
+    assert not (tmp_path / "out").exists() and not (tmp_path / "key").exists() and _leftovers(tmp_path) == []
+    assert _snapshot(ft, base) == before
+    _free_space(monkeypatch, need)  # just enough: written, and the estimate is what it took (plus headers)
+    run(tmp_path / "out")
+    assert need <= _written(tmp_path / "out") <= need + 64 * 1024
 
 
 def test_interrupted_block_removes_its_temporary_folder_and_new_parents(tmp_path):

@@ -58,6 +58,8 @@ from mergeshield.io.checkpoint import (
     FINGERPRINT_HASH,
     FINGERPRINT_HASHES,
     fingerprint_of,
+    output_bytes,
+    tensor_bytes,
     tensor_digest,
     write_index,
     ShardWriter,
@@ -828,10 +830,10 @@ def rewrite_checkpoint(
         writer.write(name, t)
         digests[name] = tensor_digest(name, t)
 
-    with atomic_output_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(1, "mergeshield-writer") as pool:
+    # progress in bytes of output (tensors differ in size by 10^4): the ETA means something
+    out_bytes = tensor_bytes(template, dtype_of)
+    with atomic_output_dir(out, overwrite=overwrite, need=output_bytes(template, dtype_of)) as tmp, ThreadPoolExecutor(1, "mergeshield-writer") as pool:
         copy_non_weight_files(template, tmp)
-        # progress in bytes of output (tensors differ in size by 10^4): the ETA means something
-        out_bytes = sum(math.prod(template.shape(n)) * dtype_of(n).itemsize for n in template.names)
         bar = tqdm(total=out_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
         for shard in template.shards:
             specs = {name: (dtype_of(name), template.shape(name)) for name in shard.names}

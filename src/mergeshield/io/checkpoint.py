@@ -20,7 +20,7 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,9 @@ __all__ = [
     "ShardWriter",
     "atomic_output_dir",
     "check_output_path",
+    "output_bytes",
+    "require_free_space",
+    "tensor_bytes",
     "save_as_dtype",
     "structural_differences",
     "tensor_digest",
@@ -706,8 +709,11 @@ def _remove_tree(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(out: str | os.PathLike[str], overwrite: bool = False, need: int = 0) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; move it to `out` only if the block succeeds.
+
+    `need` (bytes the output will take) is checked against the free space first
+    (`require_free_space`), before the block writes anything.
 
     On any exception (including KeyboardInterrupt, and SIGTERM once the CLI has turned it into
     one) the temporary folder is removed, parent folders created for `out` are removed again, and
@@ -721,6 +727,8 @@ def atomic_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> I
     try:  # the folders are made inside the try, so an interrupt right after making them cleans up
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.mkdir()
+        if need:
+            require_free_space(tmp, need)
         yield tmp
         if out.exists():
             if not overwrite:
@@ -739,6 +747,36 @@ def atomic_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> I
             with contextlib.suppress(OSError):
                 p.rmdir()
         raise
+
+
+def tensor_bytes(template: Checkpoint, dtype_of: Callable[[str], torch.dtype]) -> int:
+    """Bytes of the tensors of a checkpoint laid out like `template`, each in `dtype_of(name)`."""
+    return sum(math.prod(template.shape(n)) * dtype_of(n).itemsize for n in template.names)
+
+
+def output_bytes(template: Checkpoint, dtype_of: Callable[[str], torch.dtype]) -> int:
+    """`tensor_bytes` and the files copied beside the tensors (safetensors headers and the
+    index, a few KB, not counted): what writing such a checkpoint takes on disk."""
+    return tensor_bytes(template, dtype_of) + sum(p.stat().st_size for p in template.non_weight_files())
+
+
+def require_free_space(folder: Path, need: int) -> None:
+    """Refuse, before anything is written, an output of `need` bytes that cannot fit in the free
+    space of `folder`'s file system (a 7B release is about 13.5 GB and takes half a minute or
+    more to write: better to say so at once than to fail near the end).
+
+    Raises:
+        OSError: ENOSPC, naming both sizes. An output being replaced does not count as free: it
+            is removed only once the new one is complete.
+    """
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"{folder.parent}: the output needs about {need / 1e9:.2f} GB and the disk has {free / 1e9:.2f} GB "
+            "free (an output being replaced counts as used: it is removed only once the new one is complete). "
+            "Nothing was written: free space or choose an output on another disk, then run again.",
+        )
 
 
 def copy_non_weight_files(src: Checkpoint, dest: Path) -> None:
@@ -929,7 +967,9 @@ def save_as_dtype(src: str | os.PathLike[str], out: str | os.PathLike[str], dtyp
     with Checkpoint(src) as ckpt:
         if any(shard.fmt != "safetensors" for shard in ckpt.shards):
             raise CheckpointError(f"{ckpt.folder}: has .bin shards; convert it to safetensors first.")
-    with Checkpoint(src) as ckpt, atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with Checkpoint(src) as ckpt:
+        need = output_bytes(ckpt, lambda n: dtype if ckpt.dtype(n).is_floating_point else ckpt.dtype(n))
+    with Checkpoint(src) as ckpt, atomic_output_dir(out, overwrite=overwrite, need=need) as tmp:
         copy_non_weight_files(ckpt, tmp)
         config = json.loads((ckpt.folder / "config.json").read_text(encoding="utf-8"))
         config["torch_dtype"] = name  # transformers 4 reads this key
