@@ -819,7 +819,8 @@ def rewrite_checkpoint(
     overlap with the work on earlier tensors.
     Returns the fingerprint (`FINGERPRINT_HASH` over every output tensor's name, dtype, shape and
     bytes).
-    `before_commit(fingerprint)` may raise to abandon the output.
+    `before_commit(fingerprint)` may raise to abandon the output. An output larger than the free
+    space of its disk is refused (OSError ENOSPC) before anything is written.
     """
     dtype_of = dtype_of or template.dtype
     prefetch = prefetch or template.prefetch
@@ -832,7 +833,8 @@ def rewrite_checkpoint(
 
     # progress in bytes of output (tensors differ in size by 10^4): the ETA means something
     out_bytes = tensor_bytes(template, dtype_of)
-    with atomic_output_dir(out, overwrite=overwrite, need=output_bytes(template, dtype_of)) as tmp, ThreadPoolExecutor(1, "mergeshield-writer") as pool:
+    need = output_bytes(template, dtype_of)  # refused at once if the disk cannot hold it
+    with atomic_output_dir(out, overwrite=overwrite, need=need) as tmp, ThreadPoolExecutor(1, "mergeshield-writer") as pool:
         copy_non_weight_files(template, tmp)
         bar = tqdm(total=out_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
         for shard in template.shards:

@@ -958,6 +958,7 @@ def save_as_dtype(src: str | os.PathLike[str], out: str | os.PathLike[str], dtyp
         ValueError: `dtype` is not a floating-point dtype.
         OutputPathError: `out` is, holds or lies inside `src`, or exists without `overwrite`.
         CheckpointError: `src` is not a readable checkpoint folder, or has ``.bin`` shards.
+        OSError: ENOSPC, the copy would not fit in the disk's free space (nothing is written).
     """
     if not dtype.is_floating_point:
         raise ValueError(f"save_as_dtype rounds weights to a floating-point dtype, not {dtype}")
