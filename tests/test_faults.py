@@ -469,6 +469,16 @@ def test_an_output_that_cannot_fit_on_the_disk_is_refused_before_writing(pair, t
     assert need <= _written(tmp_path / "out") <= need + 64 * 1024
 
 
+def test_a_file_system_that_cannot_report_its_free_space_is_written_anyway(pair, tmp_path, monkeypatch):
+    def unknown(path: object) -> object:
+        raise OSError(errno.ENOSYS, "statvfs not supported")
+
+    base, ft = pair
+    monkeypatch.setattr(shutil, "disk_usage", unknown)
+    protect(ft, base, tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_interrupted_block_removes_its_temporary_folder_and_new_parents(tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "keep.txt").write_text("old")

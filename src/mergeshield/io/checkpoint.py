@@ -769,7 +769,10 @@ def require_free_space(folder: Path, need: int) -> None:
         OSError: ENOSPC, naming both sizes. An output being replaced does not count as free: it
             is removed only once the new one is complete.
     """
-    free = shutil.disk_usage(folder).free
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # a file system that cannot say: the write itself will tell
+        return
     if free < need:
         raise OSError(
             errno.ENOSPC,
