@@ -760,6 +760,11 @@ def output_bytes(template: Checkpoint, dtype_of: Callable[[str], torch.dtype]) -
     return tensor_bytes(template, dtype_of) + sum(p.stat().st_size for p in template.non_weight_files())
 
 
+def _size(n: int) -> str:
+    """A byte count for people: 13.50 GB, 48.2 MB, 812 bytes."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n} bytes"
+
+
 def require_free_space(folder: Path, need: int) -> None:
     """Refuse, before anything is written, an output of `need` bytes that cannot fit in the free
     space of `folder`'s file system (a 7B release is about 13.5 GB and takes half a minute or
@@ -776,8 +781,9 @@ def require_free_space(folder: Path, need: int) -> None:
     if free < need:
         raise OSError(
             errno.ENOSPC,
-            f"{folder.parent}: the output needs about {need / 1e9:.2f} GB and the disk has {free / 1e9:.2f} GB "
-            "free (an output being replaced counts as used: it is removed only once the new one is complete). "
+            f"{folder.parent}: the output needs {_size(need)} ({need} bytes) and the disk has {_size(free)} "
+            f"({free} bytes) free (an output being replaced counts as used: it is removed only once the new one "
+            "is complete). "
             "Nothing was written: free space or choose an output on another disk, then run again.",
         )
 
