@@ -116,7 +116,8 @@ def copy_with_base(ft: Path, base: Path, out: Path) -> None:
     """The ``copy2`` floor: rewrite `ft` as the copy does, and read every base tensor that protect
     (default options) reads, prefetched as protect prefetches it."""
     from mergeshield.io.checkpoint import Checkpoint
-    from mergeshield.protect import ProtectOptions, _check_base, _Plan, bind_checkpoint, rewrite_checkpoint
+    from mergeshield.io.checkpoint import rewrite_checkpoint
+    from mergeshield.protect import ProtectOptions, _check_base, _Plan, bind_checkpoint
 
     with Checkpoint(ft) as model, Checkpoint(base) as pre:
         bound = bind_checkpoint(model)
@@ -203,7 +204,7 @@ def main() -> None:
             f"c=Checkpoint(r'{ft}')\n"
             f"rewrite_checkpoint(c, __import__('pathlib').Path(r'{work / 'copy'}'), c.get, overwrite=True, progress=False, desc='')"
         )
-        copy_setup = ("from mergeshield.io.checkpoint import Checkpoint\nfrom mergeshield.protect import rewrite_checkpoint\n"
+        copy_setup = ("from mergeshield.io.checkpoint import Checkpoint, rewrite_checkpoint\n"
                       f"import shutil; shutil.rmtree(r'{work / 'copy'}', ignore_errors=True)")
         copy2_setup = (f"import sys, shutil; sys.path.insert(0, r'{Path(__file__).resolve().parent}')\n"
                        "from bench_protect import copy_with_base\nimport transformers\n"

@@ -69,14 +69,12 @@ def test_writer_streams_non_contiguous_views(tmp_path):
 
 
 def test_unmapping_inputs_mid_shard_changes_no_byte(tiny_pair, tmp_path, monkeypatch):
-    import importlib
-
-    prot = importlib.import_module("mergeshield.protect")  # the module (the package exports a function of that name)
+    import mergeshield.io.checkpoint as io
     from mergeshield import make_method, merge_checkpoints, protect
 
     base, ft, ft2 = tiny_pair("llama")
-    for tag, limit in (("kept", prot.RELEASE_BYTES), ("released", 1)):  # 1: unmap after every tensor
-        monkeypatch.setattr(prot, "RELEASE_BYTES", limit)
+    for tag, limit in (("kept", io.RELEASE_BYTES), ("released", 1)):  # 1: unmap after every tensor
+        monkeypatch.setattr(io, "RELEASE_BYTES", limit)
         protect(ft, base, tmp_path / f"p-{tag}", progress=False)
         merge_checkpoints(base, [ft, ft2], tmp_path / f"m-{tag}", make_method("ties", lam=0.8), progress=False)
     for kind in ("p", "m"):
@@ -166,7 +164,8 @@ def test_save_as_dtype_rounds_every_float_tensor_and_keeps_the_layout(dtype, tmp
     back sharded the same way, every float tensor equal to torch's rounding of it, integer
     tensors untouched, the config naming the dtype, the other files copied; an existing output is
     refused unless overwriting, and so (before anything is written, the input untouched) are an
-    output overlapping the input, a non-floating dtype and ``.bin`` shards."""
+    output overlapping the input and a non-floating dtype; ``.bin`` shards come out as
+    safetensors, as protect writes them."""
     import json
 
     from safetensors.torch import save_file
@@ -213,8 +212,8 @@ def test_save_as_dtype_rounds_every_float_tensor_and_keeps_the_layout(dtype, tmp
     (tmp_path / "binsrc").mkdir()
     (tmp_path / "binsrc" / "config.json").write_text((src / "config.json").read_text())
     (tmp_path / "pytorch_model.bin").rename(tmp_path / "binsrc" / "pytorch_model.bin")
-    with pytest.raises(MergeShieldError, match=".bin shards"):
-        save_as_dtype(tmp_path / "binsrc", tmp_path / "frombin", dtype)
-    assert not (tmp_path / "ints").exists() and not (tmp_path / "frombin").exists() and not (src / "half").exists()
+    frombin = save_as_dtype(tmp_path / "binsrc", tmp_path / "frombin", dtype)
+    assert torch.equal(load_file(frombin / "model.safetensors")["w"], torch.ones(2, dtype=dtype))
+    assert not (tmp_path / "ints").exists() and not (src / "half").exists()
     assert not [p for p in tmp_path.iterdir() if "mergeshield-tmp" in p.name]
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before

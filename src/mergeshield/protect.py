@@ -20,9 +20,7 @@ import json
 import math
 import os
 import uuid
-from collections import deque
 from collections.abc import Callable, Container, Iterator, Mapping, Sequence
-from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +29,6 @@ from typing import Literal, Self
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from tqdm.auto import tqdm
 
 from mergeshield.core.numeric import SQUARES_EXACT_BELOW, all_finite, runs_square_sum, square_sums
 from mergeshield.core.assignment import (
@@ -51,18 +48,13 @@ from mergeshield.core.transforms import Transform, apply_transform, axis_view, e
 from mergeshield.errors import BaseMismatchError, DeviceError, KeyMismatchError, NumericError, OutputPathError, SpecError
 from mergeshield.io.checkpoint import (
     Checkpoint,
-    atomic_output_dir,
     check_output_path,
-    copy_non_weight_files,
     structural_differences,
     FINGERPRINT_HASH,
     FINGERPRINT_HASHES,
     fingerprint_of,
-    output_bytes,
-    tensor_bytes,
+    rewrite_checkpoint,
     tensor_digest,
-    write_index,
-    ShardWriter,
 )
 from mergeshield.io.naming import match_names
 from mergeshield.symmetry.registry import family_for_model_type
@@ -75,7 +67,7 @@ __all__ = [
     "protect",
     "unprotect",
     "bind_checkpoint",
-    "rewrite_checkpoint",
+    "rewrite_checkpoint",  # lives in mergeshield.io.checkpoint; here for older imports
 ]
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -786,100 +778,6 @@ def _plan_residual(
     detail = (f"{solver} solver on {len(anchors)} residual-only tensors, "
               f"{moved:.0%} dims moved, {len(inst.tensors)} tensors permuted")
     return Transform(inst.id, perm=perm), InstanceReport(inst.id, "residual", task2**0.5, after2**0.5, base2**0.5, detail)
-
-
-RELEASE_BYTES = 256 << 20
-"""rewrite_checkpoint unmaps its inputs after about this many bytes of output."""
-PREFETCH_BYTES = 1 << 30
-"""rewrite_checkpoint asks the kernel to read ahead the inputs of about this many bytes of output."""
-
-
-def rewrite_checkpoint(
-    template: Checkpoint,
-    out: Path,
-    produce: Callable[[str], torch.Tensor],
-    *,
-    overwrite: bool,
-    progress: bool,
-    desc: str,
-    before_commit: Callable[[str], None] | None = None,
-    dtype_of: Callable[[str], torch.dtype] | None = None,
-    inputs: Sequence[Checkpoint] = (),
-    prefetch: Callable[[list[str]], None] | None = None,
-) -> str:
-    """Write a checkpoint laid out like `template` whose tensors come from `produce(name)`.
-
-    Shards, index and non-weight files follow the template; the folder appears at `out` only
-    when complete. Tensors are streamed into their shard one by one (memory holds one output
-    tensor, not a shard); `dtype_of(name)` gives each output dtype (default: the template's).
-    Every `RELEASE_BYTES` of output the template and `inputs` are unmapped, so their mapped
-    pages do not pile up as resident memory (reopening a file cost 15 ms here, so not per tensor).
-    `prefetch(names)` (default: the template's `Checkpoint.prefetch`) is told the tensors about
-    to be produced, about `PREFETCH_BYTES` of output ahead, so that their inputs' disk reads
-    overlap with the work on earlier tensors.
-    Returns the fingerprint (`FINGERPRINT_HASH` over every output tensor's name, dtype, shape and
-    bytes).
-    `before_commit(fingerprint)` may raise to abandon the output. An output larger than the free
-    space of its disk is refused (OSError ENOSPC) before anything is written.
-    """
-    dtype_of = dtype_of or template.dtype
-    prefetch = prefetch or template.prefetch
-    digests: dict[str, bytes] = {}
-    total = unreleased = 0
-
-    def store(writer: ShardWriter, name: str, t: torch.Tensor) -> None:
-        writer.write(name, t)
-        digests[name] = tensor_digest(name, t)
-
-    # progress in bytes of output (tensors differ in size by 10^4): the ETA means something
-    out_bytes = tensor_bytes(template, dtype_of)
-    need = output_bytes(template, dtype_of)  # refused at once if the disk cannot hold it
-    with atomic_output_dir(out, overwrite=overwrite, need=need) as tmp, ThreadPoolExecutor(1, "mergeshield-writer") as pool:
-        copy_non_weight_files(template, tmp)
-        bar = tqdm(total=out_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
-        for shard in template.shards:
-            specs = {name: (dtype_of(name), template.shape(name)) for name in shard.names}
-            with ShardWriter(tmp / shard.output_name, specs, template.shard_metadata(shard) or {"format": "pt"}) as writer:
-                # Writing and hashing (both release the GIL) run in one worker thread, in order,
-                # while the next tensor is produced; at most one tensor waits for it.
-                pending: deque[Future[None]] = deque()
-                nbytes = {n: math.prod(specs[n][1]) * specs[n][0].itemsize for n in writer.order}
-                ahead = ahead_bytes = done_bytes = 0
-                try:
-                    for name in writer.order:
-                        batch = []
-                        while ahead < len(writer.order) and ahead_bytes < done_bytes + PREFETCH_BYTES:
-                            batch.append(writer.order[ahead])
-                            ahead_bytes += nbytes[writer.order[ahead]]
-                            ahead += 1
-                        if batch:
-                            prefetch(batch)
-                        done_bytes += nbytes[name]
-                        t = produce(name)
-                        while len(pending) > 1:  # result() before popleft: a wait cut short by
-                            pending[0].result()  # Ctrl-C leaves the write in `pending` for the
-                            pending.popleft()  # finally below (result() re-raises write errors)
-                        pending.append(pool.submit(store, writer, name, t))
-                        size = nbytes[name]  # the writer checks t against its declared dtype and shape
-                        total += size
-                        unreleased += size
-                        del t
-                        if unreleased >= RELEASE_BYTES:
-                            for ckpt in (template, *inputs):
-                                ckpt.release()  # unmap the input pages read so far
-                            unreleased = 0
-                        bar.update(size)
-                    while pending:
-                        pending[0].result()
-                        pending.popleft()
-                finally:  # never close the file under a running write
-                    futures.wait(pending)
-        bar.close()
-        write_index(tmp, template, total)
-        fingerprint = fingerprint_of(digests)
-        if before_commit is not None:
-            before_commit(fingerprint)
-    return fingerprint
 
 
 def _transformed(

@@ -194,7 +194,8 @@ def attack(
     Returns:
         The estimated transforms (as applied to the protected model) and the fill count.
     """
-    from mergeshield.protect import _check_base, _transformed, bind_checkpoint, residual_anchors, rewrite_checkpoint
+    from mergeshield.io.checkpoint import rewrite_checkpoint
+    from mergeshield.protect import _check_base, _transformed, bind_checkpoint, residual_anchors
 
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")

@@ -20,7 +20,10 @@ import re
 import shutil
 import stat
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from typing import Any
 import torch
 import xxhash
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from mergeshield.errors import CheckpointError, OutputPathError
 
@@ -39,6 +43,7 @@ __all__ = [
     "check_output_path",
     "output_bytes",
     "require_free_space",
+    "rewrite_checkpoint",
     "tensor_bytes",
     "save_as_dtype",
     "structural_differences",
@@ -956,17 +961,116 @@ def structural_differences(model: Checkpoint, base: Checkpoint) -> list[str]:
     return walk(model.config, base.config, "")
 
 
+RELEASE_BYTES = 256 << 20
+"""rewrite_checkpoint unmaps its inputs after about this many bytes of output."""
+PREFETCH_BYTES = 1 << 30
+"""rewrite_checkpoint asks the kernel to read ahead the inputs of about this many bytes of output."""
+
+
+def rewrite_checkpoint(
+    template: Checkpoint,
+    out: Path,
+    produce: Callable[[str], torch.Tensor],
+    *,
+    overwrite: bool,
+    progress: bool,
+    desc: str,
+    before_commit: Callable[[str], None] | None = None,
+    dtype_of: Callable[[str], torch.dtype] | None = None,
+    inputs: Sequence[Checkpoint] = (),
+    prefetch: Callable[[list[str]], None] | None = None,
+    files: Callable[[Path], None] | None = None,
+) -> str:
+    """Write a checkpoint laid out like `template` whose tensors come from `produce(name)`.
+
+    Shards, index and non-weight files follow the template; the folder appears at `out` only
+    when complete. Tensors are streamed into their shard one by one (memory holds one output
+    tensor, not a shard); `dtype_of(name)` gives each output dtype (default: the template's).
+    Every `RELEASE_BYTES` of output the template and `inputs` are unmapped, so their mapped
+    pages do not pile up as resident memory (reopening a file cost 15 ms here, so not per tensor).
+    `prefetch(names)` (default: the template's `Checkpoint.prefetch`) is told the tensors about
+    to be produced, about `PREFETCH_BYTES` of output ahead, so that their inputs' disk reads
+    overlap with the work on earlier tensors.
+    Returns the fingerprint (`FINGERPRINT_HASH` over every output tensor's name, dtype, shape and
+    bytes).
+    `files(folder)` may edit the non-weight files once they are copied into the (temporary)
+    output folder. `before_commit(fingerprint)` may raise to abandon the output. An output larger
+    than the free space of its disk is refused (OSError ENOSPC) before anything is written.
+    """
+    dtype_of = dtype_of or template.dtype
+    prefetch = prefetch or template.prefetch
+    digests: dict[str, bytes] = {}
+    total = unreleased = 0
+
+    def store(writer: ShardWriter, name: str, t: torch.Tensor) -> None:
+        writer.write(name, t)
+        digests[name] = tensor_digest(name, t)
+
+    # progress in bytes of output (tensors differ in size by 10^4): the ETA means something
+    out_bytes = tensor_bytes(template, dtype_of)
+    need = output_bytes(template, dtype_of)  # refused at once if the disk cannot hold it
+    with atomic_output_dir(out, overwrite=overwrite, need=need) as tmp, ThreadPoolExecutor(1, "mergeshield-writer") as pool:
+        copy_non_weight_files(template, tmp)
+        if files is not None:
+            files(tmp)
+        bar = tqdm(total=out_bytes, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress)
+        for shard in template.shards:
+            specs = {name: (dtype_of(name), template.shape(name)) for name in shard.names}
+            with ShardWriter(tmp / shard.output_name, specs, template.shard_metadata(shard) or {"format": "pt"}) as writer:
+                # Writing and hashing (both release the GIL) run in one worker thread, in order,
+                # while the next tensor is produced; at most one tensor waits for it.
+                pending: deque[Future[None]] = deque()
+                nbytes = {n: math.prod(specs[n][1]) * specs[n][0].itemsize for n in writer.order}
+                ahead = ahead_bytes = done_bytes = 0
+                try:
+                    for name in writer.order:
+                        batch = []
+                        while ahead < len(writer.order) and ahead_bytes < done_bytes + PREFETCH_BYTES:
+                            batch.append(writer.order[ahead])
+                            ahead_bytes += nbytes[writer.order[ahead]]
+                            ahead += 1
+                        if batch:
+                            prefetch(batch)
+                        done_bytes += nbytes[name]
+                        t = produce(name)
+                        while len(pending) > 1:  # result() before popleft: a wait cut short by
+                            pending[0].result()  # Ctrl-C leaves the write in `pending` for the
+                            pending.popleft()  # finally below (result() re-raises write errors)
+                        pending.append(pool.submit(store, writer, name, t))
+                        size = nbytes[name]  # the writer checks t against its declared dtype and shape
+                        total += size
+                        unreleased += size
+                        del t
+                        if unreleased >= RELEASE_BYTES:
+                            for ckpt in (template, *inputs):
+                                ckpt.release()  # unmap the input pages read so far
+                            unreleased = 0
+                        bar.update(size)
+                    while pending:
+                        pending[0].result()
+                        pending.popleft()
+                finally:  # never close the file under a running write
+                    futures.wait(pending)
+        bar.close()
+        write_index(tmp, template, total)
+        fingerprint = fingerprint_of(digests)
+        if before_commit is not None:
+            before_commit(fingerprint)
+    return fingerprint
+
+
 def save_as_dtype(src: str | os.PathLike[str], out: str | os.PathLike[str], dtype: torch.dtype,
                   overwrite: bool = False) -> Path:
     """A copy of the checkpoint folder `src` with every floating-point tensor rounded to `dtype`
-    (sharded like `src`, one tensor in memory at a time; the config's dtype names it; the other
-    files copied), written atomically to `out`. For publishing or evaluating a checkpoint in
+    (`rewrite_checkpoint`: sharded like `src`, safetensors also for ``.bin`` shards, streamed a
+    tensor at a time; the config's dtype names it; the other files copied), written atomically
+    to `out`. For publishing or evaluating a checkpoint in
     half precision. Returns `out`.
 
     Raises:
         ValueError: `dtype` is not a floating-point dtype.
         OutputPathError: `out` is, holds or lies inside `src`, or exists without `overwrite`.
-        CheckpointError: `src` is not a readable checkpoint folder, or has ``.bin`` shards.
+        CheckpointError: `src` is not a readable checkpoint folder.
         OSError: ENOSPC, the copy would not fit in the disk's free space (nothing is written).
     """
     if not dtype.is_floating_point:
@@ -974,26 +1078,18 @@ def save_as_dtype(src: str | os.PathLike[str], out: str | os.PathLike[str], dtyp
     out = Path(out)
     check_output_path(out, [Path(src)], overwrite)
     name = str(dtype).removeprefix("torch.")
-    with Checkpoint(src) as ckpt:
-        if any(shard.fmt != "safetensors" for shard in ckpt.shards):
-            raise CheckpointError(f"{ckpt.folder}: has .bin shards; convert it to safetensors first.")
-    with Checkpoint(src) as ckpt:
-        need = output_bytes(ckpt, lambda n: dtype if ckpt.dtype(n).is_floating_point else ckpt.dtype(n))
-    with Checkpoint(src) as ckpt, atomic_output_dir(out, overwrite=overwrite, need=need) as tmp:
-        copy_non_weight_files(ckpt, tmp)
-        config = json.loads((ckpt.folder / "config.json").read_text(encoding="utf-8"))
+
+    def name_dtype(folder: Path) -> None:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         config["torch_dtype"] = name  # transformers 4 reads this key
         if "dtype" in config:  # and 5 writes this one
             config["dtype"] = name
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        total = 0
-        for shard in ckpt.shards:
-            stored = {n: ckpt.dtype(n) for n in shard.names}
-            specs = {n: (dtype if d.is_floating_point else d, ckpt.shape(n)) for n, d in stored.items()}
-            with ShardWriter(tmp / shard.output_name, specs, ckpt.shard_metadata(shard)) as writer:
-                for n in writer.order:
-                    t = ckpt.get(n).to(specs[n][0])
-                    total += t.numel() * t.element_size()
-                    writer.write(n, t)
-        write_index(tmp, ckpt, total)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+    with Checkpoint(src) as ckpt:
+        def out_dtype(n: str) -> torch.dtype:
+            return dtype if ckpt.dtype(n).is_floating_point else ckpt.dtype(n)
+
+        rewrite_checkpoint(ckpt, out, lambda n: ckpt.get(n).to(out_dtype(n)), overwrite=overwrite, progress=False,
+                           desc="", dtype_of=out_dtype, files=name_dtype)
     return out

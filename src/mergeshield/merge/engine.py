@@ -53,7 +53,7 @@ def merge_checkpoints(
     Returns:
         The output fingerprint.
     """
-    from mergeshield.protect import rewrite_checkpoint
+    from mergeshield.io.checkpoint import rewrite_checkpoint
 
     if not model_dirs:
         raise ValueError("merge needs at least one model")
