@@ -290,9 +290,9 @@ def test_sparse_assignment_of_costs_of_any_size_reaches_the_optimum(scale):
 @pytest.mark.parametrize("side", ["pre", "tuned"])
 @pytest.mark.parametrize("solver", [s for s in SOLVERS if s != "auto"])
 def test_non_finite_costs_are_refused_before_solving(solver, side, value):
-    """protect's planner no longer checks the features for NaN/Inf before solving (the report's
-    sums, which did, are taken on the main thread): every solver that multiplies costs must
-    refuse non-finite ones (a LAP solver given NaN may return anything); random multiplies none."""
+    """Every solver that multiplies costs must refuse non-finite ones, whatever its caller checked
+    (a LAP solver given NaN may return anything; protect retakes overflowing products in float64
+    on this error); random multiplies none."""
     from mergeshield.core.assignment import NonFiniteCosts, farthest_assignment
 
     pre, tuned = _features(300, 16, 0)
